@@ -1,0 +1,334 @@
+"""The toy tier: Gaussian mixtures in [-1, 1]^d with an exact teacher.
+
+Under the VP forward process a mixture stays a mixture: component k of q_t is
+N(alpha_t mu_k, alpha_t^2 Sigma_k + sigma_t^2 I). With Sigma_k = U_k diag(lam_k) U_k^T that
+covariance is U_k diag(alpha^2 lam_k + sigma^2) U_k^T, so one eigendecomposition per component
+gives, for any t, the exact marginal density log q_t(x) and the exact posterior mean
+(Tweedie's denoiser)
+
+    E[x0 | x_t] = sum_k r_k(x_t) [mu_k + alpha Sigma_k (alpha^2 Sigma_k + sigma^2 I)^-1 (x_t - alpha mu_k)],
+    r_k(x_t) = softmax_k(log w_k + log N(x_t; alpha mu_k, alpha^2 Sigma_k + sigma^2 I)).
+
+Components may carry class labels: conditioning on label c restricts the mixture to the
+components of class c, which gives exact conditional *and* unconditional teachers for
+classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ..denoiser import CFG, PredV
+from ..diffusion import Schedule, Threshold
+from .base import Backend
+
+
+class GMM:
+    """A Gaussian mixture with optional per-component class labels (all math in float64).
+
+    :param means: (K, d) component means.
+    :param covs: (K, d, d) covariances, or (K,) / float isotropic standard deviations.
+    :param weights: (K,) mixture weights (normalised here); uniform if None.
+    :param labels: (K,) integer class of each component, or None for an unconditional mixture.
+    """
+
+    def __init__(self, means, covs=0.05, weights=None, labels=None, name: str = "custom"):
+        means = torch.as_tensor(means, dtype=torch.float64)
+        if means.ndim != 2:
+            raise ValueError(f"means must have shape (K, d), got {tuple(means.shape)}")
+        K, d = means.shape
+        covs = torch.as_tensor(covs, dtype=torch.float64)
+        if covs.ndim <= 1:  # isotropic standard deviations
+            covs = (covs.expand(K) ** 2)[:, None, None] * torch.eye(d, dtype=torch.float64)
+        if covs.shape != (K, d, d):
+            raise ValueError(f"covs must have shape ({K}, {d}, {d}) or ({K},), got {tuple(covs.shape)}")
+        weights = torch.ones(K) if weights is None else torch.as_tensor(weights)
+        weights = weights.to(torch.float64)
+        if weights.shape != (K,) or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"weights must be {K} non-negative numbers with a positive sum")
+        self.means, self.covs, self.name = means, covs, name
+        self.weights = weights / weights.sum()
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        if self.labels is not None and self.labels.shape != (K,):
+            raise ValueError(f"labels must have shape ({K},), got {tuple(self.labels.shape)}")
+        self.lam, self.U = torch.linalg.eigh(covs)  # (K, d), (K, d, d): Sigma = U diag(lam) U^T
+        if (self.lam <= 0).any():
+            raise ValueError("covariances must be positive definite")
+        self._chol = torch.linalg.cholesky(covs)
+
+    K = property(lambda self: self.means.shape[0])
+    d = property(lambda self: self.means.shape[1])
+    num_classes = property(lambda self: 0 if self.labels is None else int(self.labels.max()) + 1)
+
+    def __repr__(self):
+        return f"GMM({self.name!r}, K={self.K}, d={self.d}, classes={self.num_classes})"
+
+    # ---- sampling ----
+    def sample(self, n: int, generator: torch.Generator | None = None, label=None):
+        """Draw n points. Returns (x (n, d) float32, component (n,), class label (n,) or None).
+        ``label`` (int or (n,) tensor) restricts to the components of that class."""
+        logw = self._logw(label, n)
+        comp = torch.multinomial(logw.exp(), 1, generator=generator).squeeze(1)
+        z = torch.randn(n, self.d, generator=generator, dtype=torch.float64)
+        x = self.means[comp] + torch.einsum("nij,nj->ni", self._chol[comp], z)
+        lab = None if self.labels is None else self.labels[comp]
+        return x.float(), comp, lab
+
+    def _logw(self, label, B: int) -> torch.Tensor:
+        """(B, K) log weights, restricted to each sample's class (label -1 or None: all)."""
+        logw = self.weights.log().expand(B, self.K)
+        if label is None:
+            return logw
+        if self.labels is None:
+            raise ValueError(f"mixture {self.name!r} has no class labels, got a conditioning")
+        label = torch.as_tensor(label, dtype=torch.long).expand(B).cpu()
+        keep = (self.labels[None] == label[:, None]) | (label[:, None] < 0)
+        if not keep.any(1).all():
+            raise ValueError(f"class labels must be -1 (none) or in [0, {self.num_classes})")
+        return torch.where(keep, logw, torch.tensor(-math.inf, dtype=torch.float64))
+
+    # ---- exact marginals of the forward process ----
+    def _components(self, x, t, schedule):
+        """Per component: eigen-coordinates of x - alpha mu, variances, alpha. Shapes (B, K, d)."""
+        x = x.detach().to(torch.float64).cpu() if not x.requires_grad else x.to(torch.float64).cpu()
+        B = x.shape[0]
+        if schedule is None:  # the clean data distribution
+            a = torch.ones(B, dtype=torch.float64)
+            s = torch.zeros(B, dtype=torch.float64)
+        else:
+            t = torch.as_tensor(t).expand(B).cpu()
+            a, s = schedule.alpha(t).double(), schedule.sigma(t).double()
+        diff = x[:, None, :] - a[:, None, None] * self.means[None]  # (B, K, d)
+        proj = torch.einsum("kij,bki->bkj", self.U, diff)  # coordinates in each eigenbasis
+        var = a[:, None, None] ** 2 * self.lam[None] + s[:, None, None] ** 2  # (B, K, d)
+        return proj, var, a
+
+    def _log_joint(self, x, t, schedule, label):
+        proj, var, a = self._components(x, t, schedule)
+        logpdf = -0.5 * ((proj ** 2 / var) + torch.log(2 * math.pi * var)).sum(-1)  # (B, K)
+        return self._logw(label, x.shape[0]) + logpdf, proj, var, a
+
+    def log_prob(self, x, t=None, schedule: Schedule | None = None, label=None) -> torch.Tensor:
+        """log q_t(x) (or log p_data(x) when schedule is None), optionally given the class."""
+        lj, *_ = self._log_joint(x, t, schedule, label)
+        lw = self._logw(label, x.shape[0])
+        return torch.logsumexp(lj, 1) - torch.logsumexp(lw, 1)
+
+    def posterior_mean(self, x_t, t, schedule: Schedule, label=None) -> torch.Tensor:
+        """E[x0 | x_t] under the (class-restricted) mixture, float64, on the CPU."""
+        lj, proj, var, a = self._log_joint(x_t, t, schedule, label)
+        r = torch.softmax(lj, dim=1)  # (B, K)
+        gain = a[:, None, None] * self.lam[None] / var * proj  # (B, K, d) in eigen-coordinates
+        m = self.means[None] + torch.einsum("kij,bkj->bki", self.U, gain)  # (B, K, d)
+        return (r[..., None] * m).sum(1)
+
+    def assign(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest component of each clean sample by likelihood, and its Mahalanobis distance."""
+        proj, var, _ = self._components(x, None, None)
+        maha2 = (proj ** 2 / var).sum(-1)  # (B, K)
+        logpdf = -0.5 * (maha2 + torch.log(2 * math.pi * var).sum(-1))
+        k = (self.weights.log()[None] + logpdf).argmax(1)
+        return k, maha2.gather(1, k[:, None]).squeeze(1).sqrt()
+
+
+# ---- named mixtures ----
+def _ring(n: int, radius: float) -> torch.Tensor:
+    ang = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
+    return radius * torch.stack([ang.cos(), ang.sin()], 1)
+
+
+def ring8(std: float = 0.1) -> GMM:
+    """8 equal modes on a circle of radius 0.7."""
+    return GMM(_ring(8, 0.7), std, name="ring8")
+
+
+def grid25(std: float = 0.05) -> GMM:
+    """5x5 equal modes on a grid in [-0.8, 0.8]^2."""
+    g = torch.linspace(-0.8, 0.8, 5, dtype=torch.float64)
+    return GMM(torch.cartesian_prod(g, g), std, name="grid25")
+
+
+def imbalanced(std: float = 0.1) -> GMM:
+    """ring8 with unequal weights (from 0.30 down to 0.03)."""
+    w = [0.30, 0.20, 0.15, 0.10, 0.08, 0.07, 0.06, 0.04]
+    return GMM(_ring(8, 0.7), std, weights=w, name="imbalanced")
+
+
+def ring8_cond(std: float = 0.1) -> GMM:
+    """Class-conditional ring: 8 modes alternating between 2 classes (4 modes each), with
+    unequal weights, for classifier-free guidance."""
+    w = [0.20, 0.08, 0.15, 0.12, 0.10, 0.16, 0.05, 0.14]
+    return GMM(_ring(8, 0.7), std, weights=w, labels=[0, 1] * 4, name="ring8_cond")
+
+
+MIXTURES = {"ring8": ring8, "grid25": grid25, "imbalanced": imbalanced, "ring8_cond": ring8_cond}
+
+
+def embed(gmm: GMM, dim: int, off_std: float = 0.02, seed: int = 0) -> GMM:
+    """The same mixture in ``dim`` dimensions: the plane is rotated by a random orthonormal map,
+    and each component gets a small spread ``off_std`` off the plane."""
+    if dim < gmm.d:
+        raise ValueError(f"dim={dim} must be >= the mixture's dimension {gmm.d}")
+    if dim == gmm.d:
+        return gmm
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(dim, gmm.d, generator=g, dtype=torch.float64))  # (D, d)
+    off = off_std ** 2 * (torch.eye(dim, dtype=torch.float64) - Q @ Q.T)
+    covs = Q @ gmm.covs @ Q.T + off
+    return GMM(gmm.means @ Q.T, covs, gmm.weights, gmm.labels, name=f"{gmm.name}@{dim}d")
+
+
+def make_mixture(name: str | GMM, dim: int = 2) -> GMM:
+    if isinstance(name, GMM):
+        return embed(name, dim)
+    if name not in MIXTURES:
+        raise ValueError(f"mixture={name!r} is not one of {tuple(MIXTURES)} (or pass a GMM)")
+    return embed(MIXTURES[name](), dim)
+
+
+# ---- teachers and networks ----
+class ExactTeacher(nn.Module):
+    """The closed-form denoiser E[x0 | x_t (, c)] of a mixture: a perfect teacher."""
+
+    def __init__(self, gmm: GMM, schedule: Schedule):
+        super().__init__()
+        self.gmm, self.schedule = gmm, schedule
+
+    def forward(self, x_t, t, cond=None):
+        x0 = self.gmm.posterior_mean(x_t, t, self.schedule, label=cond)
+        return x0.to(device=x_t.device, dtype=torch.float32)
+
+
+def time_embedding(t: torch.Tensor, dim: int = 32, T: int = 1000) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device) / half)
+    ang = (t.float()[:, None] + 1) / T * 1000.0 * freqs[None]
+    return torch.cat([ang.sin(), ang.cos()], 1)
+
+
+class MLP(nn.Module):
+    """A small time- and class-conditioned MLP ``net(x_t, t, cond) -> output`` (B, d).
+
+    cond is None or class labels (B,); label -1 and None both mean "no class" (a learned null
+    embedding), which is what classifier-free guidance needs."""
+
+    def __init__(self, d: int = 2, hidden: int = 128, depth: int = 3, num_classes: int = 0,
+                 temb: int = 32):
+        super().__init__()
+        self.d, self.num_classes, self.temb = d, num_classes, temb
+        self.cemb = nn.Embedding(num_classes + 1, temb) if num_classes else None
+        layers, width = [], d + temb
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(hidden, d)
+
+    def features(self, x_t, t, cond=None) -> torch.Tensor:
+        h = time_embedding(t, self.temb)
+        if self.cemb is not None:
+            c = torch.full((x_t.shape[0],), -1, device=x_t.device) if cond is None else cond
+            h = h + self.cemb(torch.where(c < 0, self.num_classes, c))
+        return self.body(torch.cat([x_t.float(), h], 1))
+
+    def forward(self, x_t, t, cond=None):
+        return self.out(self.features(x_t, t, cond))
+
+
+def train_denoiser(gmm: GMM, schedule: Schedule, steps: int = 3000, batch: int = 512,
+                   lr: float = 5e-3, hidden: int = 128, depth: int = 3, p_uncond: float = 0.15,
+                   seed: int = 0, progress: bool = False) -> nn.Module:
+    """Train an MLP v-prediction denoiser on mixture samples (an imperfect teacher).
+
+    Class-conditional mixtures drop the label with probability ``p_uncond`` so the network is
+    both conditional and unconditional (classifier-free guidance). Returns a ``PredV``
+    Denoiser in eval mode. About 10 s on a laptop CPU with the defaults.
+    """
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = MLP(gmm.d, hidden, depth, gmm.num_classes)
+    den = PredV(net, schedule)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.05)
+    for _ in tqdm(range(steps), desc="toy teacher", disable=not progress):
+        x0, _, lab = gmm.sample(batch, g)
+        if lab is not None:
+            lab = torch.where(torch.rand(batch, generator=g) < p_uncond, -1, lab)
+        t = torch.randint(0, schedule.T, (batch,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        x_t = schedule.q_sample(x0, t, eps)
+        v = schedule.v_from_x0(x_t, t, x0)
+        loss = ((net(x_t, t, lab) - v) ** 2).mean()  # v-loss = x0-loss weighted by SNR + 1
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return den.eval().requires_grad_(False)
+
+
+_TRAINED: dict = {}  # cache of trained MLP denoisers, keyed by their recipe
+
+
+class Toy2dBackend(Backend):
+    """Gaussian-mixture backend.
+
+    :param mixture: a name in ``MIXTURES`` or a ``GMM``.
+    :param teacher: "exact" (closed-form posterior mean) or "mlp" (a trained, imperfect MLP).
+    :param guidance: classifier-free guidance scale w of the teacher (needs a labelled mixture);
+        1.0 means the plain conditional teacher.
+    :param dim: embed the 2D mixture in this many dimensions.
+    :param init_steps: training steps of the MLP denoiser that students and critics start from
+        (the MLP teacher itself when teacher="mlp"; with the exact teacher, students still start
+        from a pretrained denoiser, as real students start from the teacher's weights).
+    """
+
+    def __init__(self, mixture: str | GMM = "ring8", teacher: str = "exact", guidance: float = 1.0,
+                 dim: int = 2, schedule: Schedule | None = None, init_steps: int = 3000,
+                 hidden: int = 128, seed: int = 0):
+        if teacher not in ("exact", "mlp"):
+            raise ValueError(f"teacher={teacher!r} is not one of ('exact', 'mlp')")
+        if not guidance >= 1.0:
+            raise ValueError(f"guidance={guidance} must be >= 1 (1 = no guidance)")
+        self.gmm = make_mixture(mixture, dim)
+        if guidance != 1.0 and self.gmm.labels is None:
+            raise ValueError(f"guidance={guidance} needs a class-conditional mixture "
+                             f"(e.g. 'ring8_cond'), got {self.gmm.name!r}")
+        self.schedule = schedule or Schedule()
+        self.shape, self.guidance, self.teacher_kind = (self.gmm.d,), guidance, teacher
+        self.support = Threshold("static", -1.0, 1.0)
+        key = (repr(self.gmm), self.gmm.means.sum().item(), self.schedule.kind, init_steps,
+               hidden, seed)
+        if key not in _TRAINED:
+            _TRAINED[key] = train_denoiser(self.gmm, self.schedule, init_steps, hidden=hidden,
+                                           seed=seed)
+        self.init_net = _TRAINED[key]
+        base = ExactTeacher(self.gmm, self.schedule) if teacher == "exact" else self.init_net
+        self.cond_teacher = base
+        self.teacher = CFG(base, guidance) if guidance != 1.0 else base
+
+    @property
+    def conditional(self) -> bool:
+        return self.gmm.labels is not None
+
+    def sample_data(self, n, generator=None):
+        x, _, lab = self.gmm.sample(n, generator)
+        return x, lab
+
+    def sample_cond(self, n, generator=None):
+        if not self.conditional:
+            return None
+        return self.gmm.sample(n, generator)[2]
+
+    def make_student(self) -> nn.Module:
+        return copy.deepcopy(self.init_net).train().requires_grad_(True)
+
+    def plot_samples(self, x, ax, **kw):
+        from ..plots import scatter2d
+        return scatter2d(x, ax, gmm=self.gmm, **kw)

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+    parser.addoption("--rungpu", action="store_true", help="run tests marked gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(pytest.mark.skip(reason="slow: pass --runslow"))
+        if "gpu" in item.keywords and not (config.getoption("--rungpu") and torch.cuda.is_available()):
+            item.add_marker(pytest.mark.skip(reason="gpu: pass --rungpu on a CUDA machine"))
