@@ -63,12 +63,12 @@ class ConsistencyPolicy:
         return self.schedule.renoise(x0, _tvec(s, x0), z), x0
 
 
-def _take(cond, idx):
+def take_cond(cond, idx):
     """Index a conditioning (None, a tensor, or a dict of tensors) along the batch."""
     if cond is None:
         return None
     if isinstance(cond, dict):
-        return {k: _take(v, idx) for k, v in cond.items()}
+        return {k: take_cond(v, idx) for k, v in cond.items()}
     if torch.is_tensor(cond) and cond.ndim > 0:
         return cond[idx]
     return cond
@@ -96,7 +96,7 @@ class MixedPolicy:
         for mask, pol in ((by_student, self.student), (~by_student, self.teacher)):
             if mask.any():
                 idx = mask.nonzero().squeeze(1)
-                xs_i, x0_i = pol.step(x_t[idx], t, s, _take(cond, idx))
+                xs_i, x0_i = pol.step(x_t[idx], t, s, take_cond(cond, idx))
                 x_s[idx], x0[idx] = xs_i.to(x_s.dtype), x0_i.float()
         self.last_mask = by_student
         return x_s, x0

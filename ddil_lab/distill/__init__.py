@@ -1,0 +1,21 @@
+"""Methods: the feedback a student gets on a batch of states (DDIL wraps all three).
+
+A Method never decides where states come from (that is the StateSampler's job); it turns a batch
+of states into losses, and tells the sampler through ``spec()`` where it trains and how the
+student moves at inference.
+"""
+from .base import Method
+from .dmd2 import DMD2
+from .lcm import LCM, ConsistencyFn
+from .pd import PD
+
+METHODS = {"pd": PD, "lcm": LCM, "dmd2": DMD2}
+
+
+def make_method(name: str, **kw) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"method={name!r} is not one of {tuple(METHODS)}")
+    return METHODS[name](**kw)
+
+
+__all__ = ["Method", "PD", "LCM", "ConsistencyFn", "DMD2", "METHODS", "make_method"]
