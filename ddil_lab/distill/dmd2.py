@@ -93,7 +93,7 @@ class DMD2(Method):
             gan = (F.softplus(self._gan_logit(x_tau, tau, cond))
                    + F.softplus(-self._gan_logit(real_tau, tau, cond)))
             loss = loss + self.gan_critic_weight * gan
-            logs["gan_critic"] = float(gan.mean())
+            logs["gan_critic"] = float(gan.detach().mean())
         return loss, logs
 
     def dm_gradient(self, x, cond):
@@ -121,5 +121,5 @@ class DMD2(Method):
             x_tau_g = self.schedule.q_sample(x, tau, torch.randn_like(x))
             gan = F.softplus(-self._gan_logit(x_tau_g, tau, cond))
             loss = loss + self.gan_weight * gan
-            logs["gan_gen"] = float(gan.mean())
+            logs["gan_gen"] = float(gan.detach().mean())
         yield "student", loss, logs
