@@ -103,6 +103,8 @@ class StateSampler:
         data only and move linearly to the given priors over ``ramp_steps`` training steps).
     :param buffer_size: states kept per backward source (0: fresh rollouts for every batch).
     :param refresh_every: with a buffer, roll out ``refresh_size`` new states every k steps.
+    :param rollout_until: backward states only at grid timesteps >= this (DMD2+DDIL rolls out
+        "to a chosen noise level", e.g. 500); -1: every grid point.
     """
     beta_frwd: float = 1.0
     beta_teacher_bckwrd: float = 0.0
@@ -114,6 +116,7 @@ class StateSampler:
     buffer_size: int = 0
     refresh_every: int = 1
     refresh_size: int = 0
+    rollout_until: int = -1
     nfe: dict = field(default_factory=lambda: {"teacher": 0, "student": 0})
 
     def __post_init__(self):
@@ -162,22 +165,24 @@ class StateSampler:
     def backward(self, backend, spec: StateSpec, student, source: str, n: int) -> States:
         """n states from rollouts of ``source`` ("teacher", "student" or "mixed"), taken at the
         grid points of ceil(n / len(grid)) trajectories."""
-        grid = spec.grids[int(torch.randint(0, len(spec.grids), ()))]
+        full = spec.grids[int(torch.randint(0, len(spec.grids), ()))]
+        grid = full[full >= self.rollout_until]  # stop the rollout at the chosen noise level
+        if len(grid) == 0:
+            raise ValueError(f"rollout_until={self.rollout_until} leaves no grid timestep to roll out to")
         m = math.ceil(n / len(grid))
         cond = backend.sample_cond(m)
         x = backend.sample_noise(m)
         k = spec.teacher_substeps
         teach = DDIMPolicy(self._counted(spec.teacher, "teacher"), backend.schedule,
-                           fine_steps=len(grid) * k if k > 1 else None)
+                           fine_steps=len(full) * k if k > 1 else None)
         stud = spec.student_policy(self._counted(student, "student"))
         policy = {"teacher": teach, "student": stud,
                   "mixed": MixedPolicy(teach, stud, self.p_student)}[source]
         xs = []
         for i, t in enumerate(grid.tolist()):
             xs.append(x)
-            s = int(grid[i + 1]) if i + 1 < len(grid) else -1
-            if i + 1 < len(grid):  # the last step's result is a sample, not a training state
-                x, _ = policy.step(x, t, s, cond)
+            if i + 1 < len(grid):  # the step after the last state is not needed
+                x, _ = policy.step(x, t, int(grid[i + 1]), cond)
         x_t = torch.cat(xs)  # (n_grid * m, ...), grid-major
         t = grid.to(x.device).repeat_interleave(m)
         states = States(x_t, t, _cat_cond([cond] * len(grid)),

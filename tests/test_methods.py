@@ -81,6 +81,8 @@ def test_sampler_priors_sources_and_buffer(ring):
                         ramp_steps=100)
     assert ramp.priors_at(0)["beta_frwd"] == 1.0 and ramp.priors_at(50)["beta_student_bckwrd"] == 0.25
     assert ramp.priors_at(500)["beta_student_bckwrd"] == 0.5
+    until = StateSampler(beta_frwd=0.0, beta_mixed=1.0, rollout_until=500)
+    assert set(until.sample(ring, spec, pd.student, 60).t.tolist()) == {999, 749, 500}
     buf = StateSampler(beta_frwd=0.0, beta_student_bckwrd=1.0, buffer_size=64, refresh_every=5)
     buf.sample(ring, spec, pd.student, 32, step=0)
     used = buf.nfe["student"]
