@@ -1,27 +1,41 @@
 """Checkpoints as safetensors + JSON, written atomically; nothing is ever unpickled.
 
-A checkpoint is a folder ``step_000123/`` holding ``tensors.safetensors`` (model weights,
+A checkpoint is a folder ``step_0000123/`` holding ``tensors.safetensors`` (model weights,
 optimizer moments, RNG states, the aggregation buffer) and ``meta.json`` (step, config,
-history, optimizer hyper-parameters). It is written into a temporary folder and renamed into
-place, so a crash while saving never leaves a half-written checkpoint under a final name, and
-``latest`` only ever names a complete one.
+history, optimizer hyper-parameters, and the SHA-256 of the tensor file). It is written into a
+temporary folder and renamed into place, so a crash while saving never leaves a half-written
+checkpoint under a final name and never touches the previous one; ``latest`` only ever names a
+complete checkpoint. On resume a checkpoint that fails to load or to match its checksum is
+skipped with a warning, and the newest good one is used (``load_latest``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
+
+TENSORS, META, LATEST = "tensors.safetensors", "meta.json", "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is corrupt, incomplete, or cannot be used for this run."""
 
 
 def flatten_state(prefix: str, obj, tensors: dict, meta: dict | None = None):
     """Split a nested state (dicts/lists of tensors and plain values) into a flat tensor dict
     (keys joined by '.') and a JSON-able skeleton with tensor placeholders."""
     if torch.is_tensor(obj):
+        if prefix in tensors:
+            raise CheckpointError(f"two entries of the state map to the same key {prefix!r}")
         tensors[prefix] = obj.detach().cpu().contiguous()
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
@@ -34,11 +48,24 @@ def flatten_state(prefix: str, obj, tensors: dict, meta: dict | None = None):
     raise TypeError(f"cannot store {type(obj).__name__} at {prefix} in a checkpoint")
 
 
+def unshare(tensors: dict) -> dict:
+    """Copy tensors that share memory with an earlier one (tied weights, views of one buffer):
+    safetensors refuses to write shared memory."""
+    seen = set()
+    for k, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            tensors[k] = t.clone()
+        seen.add(ptr)
+    return tensors
+
+
 def _key(k):
     return {"int": k} if isinstance(k, int) else k
 
 
 def unflatten_state(skel, tensors: dict):
+    """Inverse of ``flatten_state``."""
     if isinstance(skel, dict) and "__tensor__" in skel:
         return tensors[skel["__tensor__"]]
     if isinstance(skel, dict) and "__dict__" in skel:
@@ -49,26 +76,56 @@ def unflatten_state(skel, tensors: dict):
     return skel
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str):
+    try:  # make a rename durable (not supported on every platform / file system)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(root: str, step: int, state: dict, meta: dict, keep: int = 2) -> str:
-    """Atomically write ``state`` (nested tensors/values) and ``meta`` to root/step_XXXXXXX."""
+    """Atomically write ``state`` (nested tensors/values) and ``meta`` to root/step_XXXXXXX and
+    point ``root/latest`` at it; keep the newest ``keep`` checkpoints (0: all)."""
     os.makedirs(root, exist_ok=True)
+    for stale in os.listdir(root):  # leftovers of a save that crashed
+        if stale.startswith((".tmp_ckpt_", ".old_ckpt_")):
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     tensors: dict = {}
     skeleton = flatten_state("s", state, tensors)
     tmp = tempfile.mkdtemp(prefix=".tmp_ckpt_", dir=root)
-    save_file(tensors, os.path.join(tmp, "tensors.safetensors"))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"step": step, "state": skeleton, **meta}, f)
+    save_file(unshare(tensors), os.path.join(tmp, TENSORS))
+    digest = _sha256(os.path.join(tmp, TENSORS))
+    with open(os.path.join(tmp, META), "w") as f:
+        json.dump({"step": step, "tensors_sha256": digest, "state": skeleton, **meta}, f)
     for name in os.listdir(tmp):  # flush file contents before the rename makes them visible
         with open(os.path.join(tmp, name), "rb") as fh:
             os.fsync(fh.fileno())
-    final = os.path.join(root, f"step_{step:07d}")
-    if os.path.exists(final):
-        shutil.rmtree(final)
+    final, old = os.path.join(root, f"step_{step:07d}"), None
+    if os.path.exists(final):  # move an old one of the same step aside: the rename needs the name
+        old = tempfile.mkdtemp(prefix=".old_ckpt_", dir=root)
+        os.replace(final, os.path.join(old, "ckpt"))
     os.replace(tmp, final)
-    _write_atomic(os.path.join(root, "latest"), os.path.basename(final))
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
-    for old in done[:-keep] if keep else []:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _fsync_dir(root)
+    _write_atomic(os.path.join(root, LATEST), os.path.basename(final))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    if keep:
+        for old in checkpoints(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -81,22 +138,60 @@ def _write_atomic(path: str, text: str):
     os.replace(tmp, path)
 
 
+def checkpoints(root: str) -> list[str]:
+    """Complete-looking checkpoint folders under root (both files present), newest first."""
+    if not root or not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root)
+             if (m := _STEP_DIR.match(d))]
+    return [p for _, p in sorted(found, reverse=True)
+            if os.path.isfile(os.path.join(p, META)) and os.path.isfile(os.path.join(p, TENSORS))]
+
+
 def latest_checkpoint(root: str) -> str | None:
-    """The newest complete checkpoint folder under root, or None."""
-    p = os.path.join(root, "latest")
-    if not os.path.exists(p):
-        return None
-    path = os.path.join(root, open(p).read().strip())
-    return path if os.path.exists(os.path.join(path, "meta.json")) else None
+    """The checkpoint ``root/latest`` names, or (if that is missing) the newest complete one."""
+    found = checkpoints(root)
+    p = os.path.join(root or "", LATEST)
+    if os.path.isfile(p):
+        with open(p) as f:
+            named = os.path.join(root, f.read().strip())
+        if named in found:
+            return named
+    return found[0] if found else None
 
 
 def load_checkpoint(path: str) -> tuple[dict, dict]:
-    """(state, meta) of a checkpoint folder. Raises ValueError on a corrupt or partial one."""
+    """(state, meta) of a checkpoint folder. Raises ``CheckpointError`` on a corrupt or partial
+    one (unreadable files, or tensors that do not match the recorded SHA-256)."""
     try:
-        with open(os.path.join(path, "meta.json")) as f:
+        with open(os.path.join(path, META)) as f:
             meta = json.load(f)
-        tensors = load_file(os.path.join(path, "tensors.safetensors"))
+        tensor_file = os.path.join(path, TENSORS)
+        want = meta.get("tensors_sha256")
+        if want is not None and _sha256(tensor_file) != want:
+            raise CheckpointError(f"{TENSORS} does not match the SHA-256 recorded in {META}")
+        tensors = load_file(tensor_file)
         state = unflatten_state(meta.pop("state"), tensors)
     except Exception as e:  # any unreadable piece means the checkpoint is unusable
-        raise ValueError(f"checkpoint {path} is corrupt or incomplete: {e}") from e
+        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete: {e}") from e
     return state, meta
+
+
+def load_latest(root: str) -> tuple[str, dict, dict] | None:
+    """(path, state, meta) of the newest checkpoint under root that loads, or None when there is
+    none. Corrupt checkpoints are skipped with a warning; if every one is corrupt, raises
+    ``CheckpointError`` (a silent restart from scratch would look like a resume)."""
+    first = latest_checkpoint(root)
+    order = ([first] if first else []) + [p for p in checkpoints(root) if p != first]
+    errors = []
+    for path in order:
+        try:
+            state, meta = load_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping {e}", stacklevel=2)
+            errors.append(str(e))
+            continue
+        return path, state, meta
+    if errors:
+        raise CheckpointError(f"no usable checkpoint in {root}: " + "; ".join(errors))
+    return None

@@ -2,35 +2,63 @@
 
 It owns what neither the Method nor the StateSampler should: optimizers, the warmup + decay
 schedule, gradient clipping, the EMA of the student, checkpoints (safetensors + JSON, resumable
-bit for bit on CPU), the progress bar, the loss history split by state source, and evaluation
-callbacks. Each step:
+bit for bit on CPU), non-finite checks, the progress bar, the loss history split by state source,
+evaluation callbacks, and data-parallel training over several processes (accelerate). Each step:
 
-    states = sampler.sample(backend, spec, student, batch_size, step)    # no grad
+    states = sampler.sample(backend, spec, student, batch_size / N, step)  # no grad, per process
     for group, loss, logs in method.losses(states):                        # e.g. 10x critic, 1x student
-        optimizer[group] <- grad of loss.mean()
+        grad <- mean over processes of grad of loss.mean();  optimizer[group].step()
     method.after_step(); ema.update(student)
+
+Several processes (``accelerator`` from ``accelerate launch``): every process holds the same
+modules, draws its own share of the global batch with its own random stream, and the gradients
+are averaged across processes before clipping and the optimizer step (what DDP does, done here on
+the gradients so that Methods keep calling ``self.student(...)`` directly). Updates are then
+identical on every process; only process 0 writes checkpoints, the log and the progress bar.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import random
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    checkpoints,
+    flatten_state,
+    load_latest,
+    save_checkpoint,
+    unflatten_state,
+    unshare,
+)
 from .distill.base import Method
 from .rollout import SOURCES, States, StateSampler
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+ON_NONFINITE = ("raise", "skip")
+LOG_FILE = "history.jsonl"
+# settings a resumed run must share with the checkpoint it resumes (else it is another run)
+RESUME_MUST_MATCH = ("method", "method_config", "sampler", "batch_size", "seed", "num_processes")
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss or gradient went non-finite; the message says where."""
+    """A loss or gradient went non-finite. The message (and the attributes) say where: the
+    training step, the method, the optimizer group and term, and the state sources involved."""
+
+    def __init__(self, msg: str, step: int, method: str, term: str, sources: list[str]):
+        super().__init__(msg)
+        self.step, self.method, self.term, self.sources = step, method, term, sources
 
 
 class EMA:
@@ -63,6 +91,55 @@ def lr_lambda(kind: str, warmup: int, steps: int) -> Callable[[int], float]:
     return f
 
 
+def check_distill_args(steps: int = 1000, batch_size: int = 256, lr: float = 1e-4,
+                       critic_lr: float | None = None, weight_decay: float = 0.0, warmup: int = 0,
+                       lr_schedule: str = "constant", grad_clip: float | None = 1.0,
+                       ema_decay: float | None = None, seed: int = 0, out_dir: str | None = None,
+                       ckpt_every: int = 0, resume: bool = False, on_nonfinite: str = "raise",
+                       eval_every: int = 0, log_every: int = 1, keep_checkpoints: int = 2,
+                       num_processes: int = 1, shard_optimizer: bool = False) -> None:
+    """Check ``distill``'s settings before any work starts; raise ``ValueError`` naming the
+    parameter, its value and what is allowed."""
+    def need(ok, name, value, allowed, why=""):
+        if not ok:
+            raise ValueError(f"{name}={value!r} is not allowed{': ' + why if why else ''}; "
+                             f"allowed: {allowed}")
+
+    def pos_int(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+    def nonneg_int(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    need(pos_int(steps), "steps", steps, "a positive int")
+    need(pos_int(batch_size), "batch_size", batch_size, "a positive int")
+    need(pos_int(num_processes), "num_processes", num_processes, "a positive int")
+    need(number(lr) and lr > 0, "lr", lr, "a number > 0")
+    need(critic_lr is None or (number(critic_lr) and critic_lr > 0), "critic_lr", critic_lr,
+         "None (= lr) or a number > 0")
+    need(number(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, "a number >= 0")
+    need(nonneg_int(warmup), "warmup", warmup, "an int >= 0")
+    need(lr_schedule in LR_SCHEDULES, "lr_schedule", lr_schedule, f"one of {LR_SCHEDULES}")
+    need(grad_clip is None or (number(grad_clip) and grad_clip > 0), "grad_clip", grad_clip,
+         "None (no clipping) or a number > 0")
+    need(ema_decay is None or (number(ema_decay) and 0 <= ema_decay < 1), "ema_decay", ema_decay,
+         "None (no EMA) or a number in [0, 1)")
+    need(isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an int")
+    need(on_nonfinite in ON_NONFINITE, "on_nonfinite", on_nonfinite, f"one of {ON_NONFINITE}")
+    for name, v in (("ckpt_every", ckpt_every), ("eval_every", eval_every),
+                    ("keep_checkpoints", keep_checkpoints)):
+        need(nonneg_int(v), name, v, "an int >= 0")
+    need(pos_int(log_every), "log_every", log_every, "a positive int")
+    need(isinstance(shard_optimizer, bool), "shard_optimizer", shard_optimizer, "True or False")
+    need(bool(out_dir) or not (ckpt_every or resume), "out_dir", out_dir,
+         "a folder for checkpoints", "ckpt_every > 0 or resume=True writes / reads checkpoints")
+    need(batch_size % num_processes == 0, "batch_size", batch_size,
+         f"a multiple of num_processes={num_processes}", "each process draws an equal share")
+
+
 @dataclass
 class DistillResult:
     method: Method
@@ -71,6 +148,12 @@ class DistillResult:
     ema: EMA | None = None
     out_dir: str | None = None
     wall_time: float = 0.0
+    skipped: int = 0  # updates skipped because a loss or gradient was non-finite
+    checkpoints: list = field(default_factory=list)  # checkpoint folders this process wrote
+    resumed_from: str | None = None  # the checkpoint this run continued from
+    last_checkpoint: str | None = None  # the newest checkpoint of this run (any process)
+    rank: int = 0
+    num_processes: int = 1
 
     @property
     def student(self) -> nn.Module:
@@ -81,141 +164,491 @@ class DistillResult:
         return [h[key] for h in self.history if key in h]
 
 
+# ---------------------------------------------------------------------------------------------
+# several processes
+# ---------------------------------------------------------------------------------------------
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of process ``rank`` > 0 (process 0 keeps the stream seeded by ``seed``,
+    so a one-process run is the same as a run without accelerate)."""
+    return (seed + 0x9E3779B97F4A7C15 * rank) % (2 ** 63)
+
+
+class Processes:
+    """What the loop needs from accelerate: rank, number of processes and a few collectives over
+    the process group ``accelerate launch`` set up. Without an accelerator (or with one process)
+    every collective is a no-op."""
+
+    def __init__(self, accelerator=None):
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        self.device = accelerator.device if accelerator is not None else torch.device("cpu")
+        self.is_main = self.rank == 0
+        if self.world > 1:
+            kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+            if kind in ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA"):
+                raise ValueError(f"accelerate distributed_type={kind} is not supported by "
+                                 "distill: it trains data-parallel (DDP-style, "
+                                 "experiments/configs/accelerate_ddp.yaml); see docs/robust.md")
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+            ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+            dist.all_reduce(t, op=ops[op])
+        return t
+
+    def adamw(self, params: list, lr: float, weight_decay: float, shard: bool = False):
+        """AdamW over ``params``; with ``shard`` and several processes, ZeRO-1: each process
+        keeps the moments of its share of the parameters and broadcasts its updates."""
+        if shard and self.world > 1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=lr,
+                                           weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def consolidate(self, optimizers):
+        """Collect sharded optimizer states on process 0 (before it writes a checkpoint)."""
+        for o in optimizers:
+            if hasattr(o, "consolidate_state_dict"):
+                o.consolidate_state_dict(to=0)
+
+    def average_gradients(self, params: list) -> list:
+        """Average the gradients of ``params`` over processes (in place); return the parameters
+        that have a gradient on any process (a missing one counts as zero)."""
+        if self.world == 1:
+            return [p for p in params if p.grad is not None]
+        import torch.distributed as dist
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                           device=self.device)
+        live = [p for p, h in zip(params, self.all_reduce(has, "max").tolist()) if h]
+        for p in live:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for bucket in _buckets([p.grad for p in live]):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+        return live
+
+    def same_everywhere(self, value: int) -> bool:
+        """Whether every process holds the same int."""
+        if self.world == 1:
+            return True
+        t = self.all_reduce(torch.tensor([value, -value], device=self.device), "max")
+        return int(t[0]) == value == -int(t[1])
+
+    def broadcast_modules(self, modules: dict):
+        """Make every process start from process 0's weights (as DDP does)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        with torch.no_grad():
+            for m in modules.values():
+                for t in list(m.parameters()) + list(m.buffers()):
+                    dist.broadcast(t.data, src=0)
+
+    def gather_states(self, state: dict) -> list[dict] | None:
+        """Every process's ``state`` (nested tensors / plain values) on process 0, None elsewhere.
+        Sent as safetensors bytes with a JSON skeleton: nothing is pickled."""
+        if self.world == 1:
+            return [state]
+        import torch.distributed as dist
+        from safetensors.torch import load as st_load
+        from safetensors.torch import save as st_save
+        tensors: dict = {}
+        skeleton = flatten_state("r", state, tensors)
+        head = json.dumps(skeleton).encode()
+        blob = len(head).to_bytes(8, "little") + head + st_save(unshare(tensors))
+        size = torch.tensor([len(blob)], dtype=torch.long, device=self.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size)
+        n = int(max(sizes))
+        buf = torch.zeros(n, dtype=torch.uint8)
+        buf[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        buf = buf.to(self.device)
+        bufs = [torch.empty_like(buf) for _ in range(self.world)] if self.is_main else None
+        dist.gather(buf, bufs, dst=0)
+        if not self.is_main:
+            return None
+        states = []
+        for b, s in zip(bufs, sizes):
+            raw = bytes(b[:int(s)].cpu().numpy())
+            k = int.from_bytes(raw[:8], "little")
+            states.append(unflatten_state(json.loads(raw[8:8 + k]), st_load(raw[8 + k:])))
+        return states
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+
+def _buckets(grads: list, max_numel: int = 2 ** 25) -> list[list]:
+    """Group gradients by dtype/device into buckets of at most ~max_numel elements."""
+    out, cur, n = [], [], 0
+    for g in grads:
+        if cur and (n + g.numel() > max_numel or g.dtype != cur[0].dtype
+                    or g.device != cur[0].device):
+            out.append(cur)
+            cur, n = [], 0
+        cur.append(g)
+        n += g.numel()
+    return out + ([cur] if cur else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# per-process state: RNG streams, aggregation buffer, NFE counters
+# ---------------------------------------------------------------------------------------------
 def _states_to_state(states: States) -> dict:
     return {"x_t": states.x_t, "t": states.t, "cond": states.cond, "source": states.source}
 
 
+def rng_state() -> dict:
+    """Every random stream a run draws from: torch (CPU and CUDA), Python's and NumPy's."""
+    version, mt, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and \
+        torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda,
+            "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64),
+                       "gauss": gauss},
+            "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                      "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)}}
+
+
+def set_rng_state(st: dict) -> None:
+    """Restore the streams saved by ``rng_state``."""
+    torch.set_rng_state(st["torch"])
+    if st["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    py = st["python"]
+    random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss"]))
+    nps = st["numpy"]
+    np.random.set_state(("MT19937", nps["keys"].numpy().astype(np.uint32), nps["pos"],
+                         nps["has_gauss"], nps["gauss"]))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python's ``random`` and NumPy's global stream."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+
+
+def _process_state(sampler: StateSampler) -> dict:
+    return {"rng": rng_state(), "nfe": dict(sampler.nfe),
+            "buffer": {k: _states_to_state(v) for k, v in sampler.buffer.items()}}
+
+
+def _to(obj, device):
+    """Move the tensors of a nested state (dicts / lists / tensors) to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to(v, device) for v in obj]
+    return obj
+
+
+def _load_process_state(sampler: StateSampler, st: dict, device) -> None:
+    """Restore the buffer (onto ``device``, where the run keeps its states), NFE counters and
+    every RNG stream of this process."""
+    sampler.buffer = {k: States(**_to(v, device)) for k, v in st["buffer"].items()}
+    sampler.nfe.update(st["nfe"])
+    set_rng_state(st["rng"])
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite losses and gradients
+# ---------------------------------------------------------------------------------------------
+def _sources(source: torch.Tensor) -> list[str]:
+    return [SOURCES[i] for i in sorted(set(source.tolist()))]
+
+
+def _kind(x: torch.Tensor) -> str:
+    return "nan" if torch.isnan(x).any() else "inf"
+
+
+def _loss_fault(loss, states, group, logs) -> tuple[str, str, list[str]]:
+    """(what, term, sources) of a non-finite loss on this process."""
+    bad = ~torch.isfinite(loss)
+    if not bad.any():
+        return "the loss went non-finite on another process", f"{group} loss", []
+    srcs = _sources(states.source[bad] if bad.shape == states.source.shape else states.source)
+    terms = [f"{k}={v}" for k, v in logs.items()
+             if isinstance(v, float) and not math.isfinite(v)]
+    what = (f"the {group} loss is non-finite ({_kind(loss)}) in {int(bad.sum())} of {bad.numel()} "
+            f"samples, on states from source(s): {', '.join(srcs)}"
+            + (f"; non-finite terms: {', '.join(terms)}" if terms else ""))
+    return what, f"{group} loss", srcs
+
+
+def _grad_fault(module: nn.Module, states, group) -> tuple[str, str, list[str]]:
+    """(what, term, sources) of a non-finite gradient, naming the first bad parameter."""
+    name = next((n for n, p in module.named_parameters()
+                 if p.grad is not None and not torch.isfinite(p.grad).all()), "?")
+    srcs = _sources(states.source)
+    grad = dict(module.named_parameters()).get(name)
+    kind = _kind(grad.grad) if grad is not None else "nan/inf"
+    what = (f"the {group} gradient is non-finite ({kind}) in parameter {name!r}; the batch held "
+            f"states from source(s): {', '.join(srcs)}")
+    return what, f"{group} gradient", srcs
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
 def distill(backend, method: Method, sampler: StateSampler | None = None, steps: int = 1000,
             batch_size: int = 256, lr: float = 1e-4, critic_lr: float | None = None,
             weight_decay: float = 0.0, warmup: int = 0, lr_schedule: str = "constant",
             grad_clip: float | None = 1.0, ema_decay: float | None = None, seed: int = 0,
             out_dir: str | None = None, ckpt_every: int = 0, resume: bool = False,
             on_nonfinite: str = "raise", callbacks: tuple = (), eval_every: int = 0,
-            progress: bool = True, log_every: int = 1) -> DistillResult:
+            progress: bool = True, log_every: int = 1, keep_checkpoints: int = 2,
+            shard_optimizer: bool = False, accelerator=None) -> DistillResult:
     """Distil ``backend.teacher`` into a student with ``method``, on states from ``sampler``.
 
     :param sampler: where states come from; None = forward diffusion only (no DDIL).
     :param steps: training steps (one student update each; DMD2 adds critic updates).
+    :param batch_size: the global batch: with N processes each draws batch_size / N states.
     :param lr, critic_lr: AdamW learning rates of the student and of any critic group.
     :param warmup, lr_schedule: linear warmup steps, then "constant", "linear" or "cosine".
     :param ema_decay: EMA of the student (None: off; ``result.student`` is then the raw one).
-    :param out_dir: where checkpoints go; ``ckpt_every`` > 0 writes one every k steps and at the
-        end; ``resume=True`` continues from the latest checkpoint in out_dir.
-    :param on_nonfinite: "raise" (stop, keep the last good checkpoint) or "skip" (skip the
-        update, count it in the history).
-    :param callbacks: functions ``f(step, result)`` called every ``eval_every`` steps.
+    :param out_dir: where checkpoints and the log (``history.jsonl``) go; ``ckpt_every`` > 0
+        writes a checkpoint every k steps and at the end (the newest ``keep_checkpoints`` are
+        kept); ``resume=True`` continues from the newest good checkpoint in out_dir, bit for bit.
+    :param on_nonfinite: "raise" (stop with ``NonFiniteError`` naming the step, method, term and
+        state sources; the last good checkpoint is kept) or "skip" (skip that update, count it in
+        ``result.skipped`` and the step's ``history`` entry).
+    :param callbacks: functions ``f(step, result)`` called every ``eval_every`` steps (on
+        process 0 only).
+    :param shard_optimizer: with several processes, each keeps the AdamW moments of only its
+        share of the parameters (ZeRO stage 1, ``ZeroRedundancyOptimizer``): the memory that lets
+        SDXL-size students (and DMD2's critic) train on 80 GB GPUs. Checkpoints hold the full
+        optimizer state either way, so a run may resume with the other setting.
+    :param accelerator: an ``accelerate.Accelerator`` for runs under ``accelerate launch``
+        (several processes: gradients averaged across them, see the module docstring).
     """
     from tqdm.auto import tqdm
 
+    procs = Processes(accelerator)
     sampler = sampler or StateSampler()
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be a positive int")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
-    if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"on_nonfinite={on_nonfinite!r} is not one of ('raise', 'skip')")
-    if (ckpt_every or resume) and not out_dir:
-        raise ValueError("ckpt_every / resume need out_dir (a folder for checkpoints)")
+    check_distill_args(
+        steps=steps, batch_size=batch_size, lr=lr, critic_lr=critic_lr, weight_decay=weight_decay,
+        warmup=warmup, lr_schedule=lr_schedule, grad_clip=grad_clip, ema_decay=ema_decay,
+        seed=seed, out_dir=out_dir, ckpt_every=ckpt_every, resume=resume,
+        on_nonfinite=on_nonfinite, eval_every=eval_every, log_every=log_every,
+        keep_checkpoints=keep_checkpoints, num_processes=procs.world,
+        shard_optimizer=shard_optimizer)
     sampler.check_backend(backend)
+    local_batch = batch_size // procs.world
 
-    torch.manual_seed(seed)
+    seed_everything(seed)
     method.setup(backend)
     spec = method.spec()
     groups = method.trainable()
-    opts = {g: torch.optim.AdamW(m.parameters(), lr=(critic_lr or lr) if g != "student" else lr,
-                                 weight_decay=weight_decay)
-            for g, m in groups.items()}
+    procs.broadcast_modules(method.modules())
+    trainable = {g: [p for p in m.parameters() if p.requires_grad] for g, m in groups.items()}
+    opts = {g: procs.adamw(trainable[g], lr=(critic_lr or lr) if g != "student" else lr,
+                           weight_decay=weight_decay, shard=shard_optimizer)
+            for g in groups}
     scheds = {g: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(lr_schedule, warmup, steps))
               for g, o in opts.items()}
-    result = DistillResult(method, sampler, out_dir=out_dir)
+    result = DistillResult(method, sampler, out_dir=out_dir, rank=procs.rank,
+                           num_processes=procs.world)
     result.ema = EMA(method.student, ema_decay) if ema_decay else None
-    config = {"method": method.name, "method_config": method.config(), "steps": steps,
-              "batch_size": batch_size, "lr": lr, "critic_lr": critic_lr, "seed": seed,
-              "priors": sampler.priors, "ema_decay": ema_decay}
+    if procs.rank > 0:  # each process draws its own share of the batch
+        seed_everything(rank_seed(seed, procs.rank))
+    config = _jsonable({
+        "method": method.name, "method_config": method.config(),
+        "sampler": {k: v for k, v in vars(sampler).items()
+                    if isinstance(v, (int, float, str, bool, type(None)))},
+        "steps": steps, "batch_size": batch_size, "lr": lr, "critic_lr": critic_lr,
+        "seed": seed, "priors": sampler.priors, "ema_decay": ema_decay,
+        "num_processes": procs.world})
 
-    def state() -> dict:
+    def shared_state() -> dict:  # identical on every process
         st = {"modules": {k: m.state_dict() for k, m in method.modules().items()},
               "opt": {g: o.state_dict() for g, o in opts.items()},
-              "rng": torch.get_rng_state(),
-              "buffer": {k: _states_to_state(v) for k, v in sampler.buffer.items()}}
+              "sched": {g: s.state_dict() for g, s in scheds.items()}}
         if result.ema is not None:
             st["ema"] = result.ema.module.state_dict()
         return st
 
     start = 0
-    ckpt = latest_checkpoint(out_dir) if (resume and out_dir) else None
-    if ckpt is not None:
-        st, meta = load_checkpoint(ckpt)
+    found = load_latest(out_dir) if (resume and out_dir) else None
+    if found is not None:
+        path, st, meta = found
+        _check_resumable(path, meta, config, st, result.ema is not None)
         for k, m in method.modules().items():
             m.load_state_dict(st["modules"][k])
         for g, o in opts.items():
             o.load_state_dict(st["opt"][g])
-        for s in scheds.values():
-            s.last_epoch = meta["step"] - 1
-            s.step()
+        for g, s in scheds.items():  # the lr of this step under this run's schedule
+            s.load_state_dict(st["sched"][g])
+            for pg, base, lam in zip(opts[g].param_groups, s.base_lrs, s.lr_lambdas):
+                pg["lr"] = base * lam(s.last_epoch)
+            s._last_lr = [pg["lr"] for pg in opts[g].param_groups]
         if result.ema is not None:
             result.ema.module.load_state_dict(st["ema"])
-        sampler.buffer = {k: States(**v) for k, v in st["buffer"].items()}
-        sampler.nfe.update(meta.get("nfe", {}))
-        torch.set_rng_state(st["rng"])
-        result.history = meta["history"]
+        device = next(method.student.parameters()).device  # where states live in this run
+        _load_process_state(sampler, st["processes"][procs.rank], device)
+        result.history, result.skipped = meta["history"], meta.get("skipped", 0)
+        result.resumed_from = result.last_checkpoint = path
         start = meta["step"]
+    if start == 0 and ckpt_every and procs.is_main and checkpoints(out_dir):
+        warnings.warn(f"out_dir={out_dir!r} holds checkpoints of an earlier run; this run's "
+                      "will sit beside them. Pass resume=True to continue that run, or use a "
+                      "new out_dir.", stacklevel=2)
+    if not procs.same_everywhere(start):
+        raise CheckpointError(f"the processes found different checkpoints to resume from in "
+                              f"out_dir={out_dir!r} (this one: step {start}); out_dir must be on "
+                              "a file system that every process shares")
 
     def checkpoint(step):
-        save_checkpoint(out_dir, step, state(), {"config": config, "history": result.history,
-                                                 "nfe": dict(sampler.nfe)})
+        procs.consolidate(opts.values())
+        per_process = procs.gather_states(_process_state(sampler))
+        if procs.is_main:
+            path = save_checkpoint(out_dir, step, {**shared_state(), "processes": per_process},
+                                   {"config": config, "history": result.history,
+                                    "skipped": result.skipped}, keep=keep_checkpoints)
+            result.checkpoints.append(path)
+        procs.barrier()
+        result.last_checkpoint = os.path.join(out_dir, f"step_{step:07d}")
 
+    log = _open_log(out_dir, result.history, start > 0) if (out_dir and procs.is_main) else None
     bar = tqdm(range(start, steps), desc=f"{method.name}{'+ddil' if sampler.is_ddil else ''}",
-               disable=not progress, initial=start, total=steps)
+               disable=not (progress and procs.is_main), initial=start, total=steps)
     t0 = time.time()
-    for step in bar:
-        states = sampler.sample(backend, spec, method.student, batch_size, step)
-        rec: dict = {"step": step + 1}
-        for group, loss, logs in method.losses(states):
-            if not torch.isfinite(loss).all():
-                bad = sorted({SOURCES[int(s)] for s in states.source[~torch.isfinite(loss)]})
-                msg = (f"non-finite {group} loss at step {step + 1} of {method.name} "
-                       f"(state sources: {', '.join(bad)})")
-                if on_nonfinite == "raise":
-                    raise NonFiniteError(msg + "; the last good checkpoint is kept")
-                rec["skipped"] = rec.get("skipped", 0) + 1
-                continue
-            opts[group].zero_grad(set_to_none=True)
-            loss.mean().backward()
-            params = [p for p in groups[group].parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
-            if not torch.isfinite(norm):
-                msg = f"non-finite {group} gradient at step {step + 1} of {method.name}"
-                if on_nonfinite == "raise":
-                    raise NonFiniteError(msg + "; the last good checkpoint is kept")
-                rec["skipped"] = rec.get("skipped", 0) + 1
-                continue
-            opts[group].step()
-            rec[f"loss/{group}"] = float(loss.detach().mean())
-            if group == "student":
-                for i, src in enumerate(SOURCES):
-                    m = states.source == i
-                    if m.any():
-                        rec[f"source/{src}"] = float(loss.detach()[m].mean())
-            rec.update({f"{group}/{k}": v for k, v in logs.items()})
-        for s in scheds.values():
-            s.step()
-        method.after_step()
-        if result.ema is not None:
-            result.ema.update(method.student)
-        rec["lr"] = scheds["student"].get_last_lr()[0]
-        rec["nfe/teacher"], rec["nfe/student"] = sampler.nfe["teacher"], sampler.nfe["student"]
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            result.history.append(rec)
-        if "loss/student" in rec:
-            bar.set_postfix(loss=f"{rec['loss/student']:.4g}")
-        if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == steps):
-            checkpoint(step + 1)
-        if eval_every and (step + 1) % eval_every == 0:
-            for cb in callbacks:
-                cb(step + 1, result)
+    try:
+        for step in bar:
+            states = sampler.sample(backend, spec, method.student, local_batch, step)
+            rec: dict = {"step": step + 1}
+            for group, loss, logs in method.losses(states):
+                loss_d = loss.detach()
+                stats = _loss_stats(loss_d, states.source, procs)
+                if stats[0] > 0:  # some sample's loss is non-finite, on this or another process
+                    _nonfinite(_loss_fault(loss_d, states, group, logs), step, method,
+                               on_nonfinite, result, rec)
+                    continue
+                opts[group].zero_grad(set_to_none=True)
+                loss.mean().backward()
+                params = procs.average_gradients(trainable[group])
+                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+                if not torch.isfinite(norm):
+                    _nonfinite(_grad_fault(groups[group], states, group), step, method,
+                               on_nonfinite, result, rec)
+                    continue
+                opts[group].step()
+                _record(rec, group, loss_d, states.source, stats, procs.world)
+                rec.update({f"{group}/{k}": v for k, v in logs.items()})
+            for s in scheds.values():
+                s.step()
+            method.after_step()
+            if result.ema is not None:
+                result.ema.update(method.student)
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                rec["lr"] = scheds["student"].get_last_lr()[0]
+                nfe = torch.tensor([sampler.nfe["teacher"], sampler.nfe["student"]],
+                                   dtype=torch.long, device=procs.device)
+                rec["nfe/teacher"], rec["nfe/student"] = procs.all_reduce(nfe).tolist()
+                result.history.append(rec)
+                if log is not None:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+            if "loss/student" in rec:
+                bar.set_postfix(loss=f"{rec['loss/student']:.4g}")
+            if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == steps):
+                checkpoint(step + 1)
+            if eval_every and (step + 1) % eval_every == 0 and procs.is_main:
+                for cb in callbacks:
+                    cb(step + 1, result)
+    finally:
+        if log is not None:
+            log.close()
+        bar.close()
     result.wall_time = time.time() - t0
     return result
+
+
+def _check_resumable(path, meta, config, state, has_ema):
+    old = meta.get("config", {})
+    for key in RESUME_MUST_MATCH:
+        if key in old and old[key] != config[key]:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written by a run with {key}={old[key]!r}, "
+                f"this run has {key}={config[key]!r}; resume with the same settings, or use a "
+                "new out_dir (or resume=False) to start a new run")
+    if has_ema != ("ema" in state):
+        raise CheckpointError(f"cannot resume from {path}: it was written "
+                              f"{'without' if has_ema else 'with'} an EMA (ema_decay="
+                              f"{old.get('ema_decay')!r}), this run has the opposite")
+
+
+def _loss_stats(loss: torch.Tensor, source: torch.Tensor, procs: Processes) -> torch.Tensor:
+    """[non-finite count, sum, count, per-source sums (4), per-source counts (4)], summed over
+    processes. One process: only the first entry is used (logging then uses ``loss.mean()``)."""
+    bad = (~torch.isfinite(loss)).sum()
+    if procs.world == 1:
+        return bad.reshape(1)
+    per = loss.reshape(len(loss), -1).double().mean(1) if loss.ndim else loss.double().reshape(1)
+    src = source if len(source) == len(per) else torch.zeros(len(per), dtype=torch.long)
+    src = src.to(per.device)
+    sums = torch.zeros(len(SOURCES), dtype=torch.float64, device=per.device).index_add_(0, src, per)
+    counts = torch.bincount(src, minlength=len(SOURCES)).double()
+    stats = torch.cat([bad.double().reshape(1), per.sum().reshape(1),
+                       torch.tensor([float(len(per))], dtype=torch.float64, device=per.device),
+                       sums, counts]).to(procs.device)
+    return procs.all_reduce(stats)
+
+
+def _record(rec: dict, group: str, loss: torch.Tensor, source: torch.Tensor, stats, world: int):
+    """Log the loss (its mean over the global batch) and, for the student, per state source."""
+    n = len(SOURCES)
+    if world == 1:
+        rec[f"loss/{group}"] = float(loss.mean())
+    else:
+        rec[f"loss/{group}"] = float(stats[1] / stats[2])
+    if group != "student":
+        return
+    for i, src in enumerate(SOURCES):
+        if world == 1:
+            m = source == i
+            if m.any():
+                rec[f"source/{src}"] = float(loss[m].mean())
+        elif stats[3 + n + i] > 0:
+            rec[f"source/{src}"] = float(stats[3 + i] / stats[3 + n + i])
+
+
+def _nonfinite(fault, step, method, on_nonfinite, result, rec):
+    what, term, sources = fault
+    if on_nonfinite == "raise":
+        good = result.last_checkpoint
+        kept = f"the last good checkpoint {good} is kept" if good else "no checkpoint was written"
+        raise NonFiniteError(f"step {step + 1} of {method.name}: {what}. Stopped; {kept} "
+                             "(on_nonfinite='skip' skips such updates instead)",
+                             step + 1, method.name, term, sources)
+    rec["skipped"] = rec.get("skipped", 0) + 1
+    rec.setdefault("skipped_terms", []).append(term)
+    result.skipped += 1
+
+
+def _open_log(out_dir: str, history: list, resumed: bool):
+    """The run's log ``out_dir/history.jsonl``; on resume, rewritten from the checkpoint's
+    history first (steps logged after that checkpoint are replayed by the resumed run)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, LOG_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(h) + "\n" for h in (history if resumed else []))
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
 
 
 def progressive(backend, start: int = 32, end: int = 4, steps_per_stage: int | list = 500,

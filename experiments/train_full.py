@@ -1,0 +1,121 @@
+"""Run a full-tier recipe (PD, LCM or DMD2 on Stable Diffusion, with DDIL) from a YAML config,
+on one GPU or on many under accelerate: the same ``ddil_lab.recipes.run_full`` as the notebooks
+``notebooks/full_{pd,lcm,dmd2}.ipynb``, with the same parameters and the same validation.
+
+    python experiments/train_full.py --config experiments/configs/pd.yaml
+    accelerate launch --config_file experiments/configs/accelerate_ddp.yaml \\
+        experiments/train_full.py --config experiments/configs/pd.yaml
+    python experiments/train_full.py --config experiments/configs/lcm.yaml --check
+    python experiments/train_full.py --config experiments/configs/lcm.yaml \\
+        --set model_id=tiny max_steps=2 n_steps=2 --out runs/lcm_tiny
+
+A config is a mapping with ``method: pd | lcm | dmd2`` and any parameters of the recipe
+(``ddil_lab.recipes.PDRecipe`` / ``LCMRecipe`` / ``DMD2Recipe``; the notebooks' parameters
+cells list them with help). ``--set key=value`` overrides (values parsed as YAML), ``--out``
+sets ``out_dir``, ``--resume`` continues the run in ``out_dir`` (finished stages are loaded, the
+unfinished one resumes from its newest checkpoint). Under ``accelerate launch`` with several
+processes every process trains on its share of the global ``batch_size`` (gradients averaged by
+``distill``); process 0 writes the sample grids, the loss plot, the exported pipeline and the
+metrics. A bad setting exits with status 2 and a message naming each bad parameter, a
+non-finite loss or gradient with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML recipe config (method: pd | lcm | dmd2)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="parameter overrides, e.g. model_id=tiny max_steps=2")
+    p.add_argument("--out", help="output folder (out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config and print the plan, without training")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads per process (0: torch's default)")
+    return p.parse_args(argv)
+
+
+def overrides(sets: list[str]) -> dict:
+    """``["max_steps=2", "stage_steps={4: [2]}"]`` -> a dict (values parsed as YAML)."""
+    import yaml
+
+    from ddil_lab.config import ConfigError
+
+    out = {}
+    for s in sets:
+        key, sep, value = s.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {s!r} is not allowed; allowed: KEY=VALUE, e.g. max_steps=2")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+class SettingsError(Exception):
+    """The command line or config is not allowed (exit status 2)."""
+
+
+def load_recipe(args: argparse.Namespace, num_processes: int = 1):
+    """The validated recipe of the command line (the notebooks' checks: ``FullRecipe.validate``)."""
+    from ddil_lab import recipes
+    from ddil_lab.hub import OfflineError
+
+    try:
+        kw = overrides(args.set)
+        if args.out:
+            kw["out_dir"] = args.out
+        recipe = recipes.load_config(args.config, **kw)  # types and recipe rules first
+        if args.resume:
+            recipe.resume_from = recipe.out_dir
+        return recipe.validate(check_paths=True, num_processes=num_processes)
+    except (ValueError, OSError, OfflineError) as e:
+        raise SettingsError(str(e)) from e
+
+
+def main(argv=None, accelerator=None) -> dict | None:
+    """Run the CLI; returns ``run_full``'s result (None with ``--check``)."""
+    import torch
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ddil_lab import recipes
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator is None and world > 1:  # started by accelerate launch / torchrun
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    n = accelerator.num_processes if accelerator is not None else 1
+    recipe = load_recipe(args, n)
+    if accelerator is None or accelerator.is_main_process:
+        print(recipe.summary(), flush=True)
+    if args.check:
+        return None
+    return recipes.run_full(recipe, accelerator=accelerator)
+
+
+def cli(argv=None) -> int:
+    from ddil_lab.checkpoint import CheckpointError
+    from ddil_lab.hub import OfflineError
+    from ddil_lab.train import NonFiniteError
+
+    try:
+        main(argv)
+    except (SettingsError, CheckpointError, OfflineError) as e:
+        print(f"train_full: configuration error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"train_full: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(cli())
