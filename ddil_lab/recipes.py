@@ -270,9 +270,12 @@ class FullRecipe:
         baseline (PD, LCM: forward states, or teacher rollouts without data; DMD2: its
         backward simulation, the student's own rollouts)."""
         if stage.ddil and self.ddil:
-            return {**{k: getattr(self, k) for k in PRIOR_NAMES}, "p_student": self.p_student,
-                    "prior_schedule": self.prior_schedule, "ramp_steps": self.ramp_steps,
-                    "buffer_size": self.buffer_size, "refresh_every": self.refresh_every}
+            kw = {**{k: getattr(self, k) for k in PRIOR_NAMES}, "p_student": self.p_student,
+                  "prior_schedule": self.prior_schedule, "ramp_steps": self.ramp_steps,
+                  "buffer_size": self.buffer_size, "refresh_every": self.refresh_every}
+            if stage.kind == "dmd2":  # DMD2+DDIL: rollouts stop at a chosen noise level
+                kw["rollout_until"] = self.rollout_t
+            return kw
         if stage.kind == "dmd2":
             return {"beta_frwd": 0.0, "beta_student_bckwrd": 1.0}
         return {} if has_data else {"beta_frwd": 0.0, "beta_teacher_bckwrd": 1.0}
@@ -316,7 +319,6 @@ class FullRecipe:
             run(lambda st=st: SamplerConfig(self.sampler_params(st, has_data)).validate())
             run(lambda st=st: MethodConfig(st.kind, self.method_params(st)).validate())
             kw = self.train_params(st, i, out_dir="checked")
-            # critic_steps is not passed: see DMD2ToLevel (each critic update sees the whole batch)
             run(lambda kw=kw: TrainConfig(**kw).validate(num_processes))
         return errors
 
@@ -625,33 +627,6 @@ class _InitView:
         return copy.deepcopy(self.init).train()  # keeps LoRA's frozen base weights frozen
 
 
-class DMD2ToLevel(DMD2):
-    """DMD2 whose backward states stop at a noise level (DMD2+DDIL, Sec. 4.2: "trajectories are
-    sampled up to a predetermined noise level (e.g. t=500)"): rollouts walk the student's grid
-    only down to ``rollout_t``, so the generator trains at the grid points t >= rollout_t."""
-
-    def __init__(self, *args, rollout_t: int = 0, **kw):
-        super().__init__(*args, **kw)
-        self.rollout_t = int(rollout_t)
-
-    # train.check_distill_args (run before ``setup``) requires batch_size >= critic_steps per
-    # process, but every critic update in DMD2.losses sees the whole batch of generator samples,
-    # and the paper trains with batch 7 and 10 critic updates. Until that check is dropped,
-    # critic_steps reads None before setup (so the check does not fire) and the value after.
-    @property
-    def critic_steps(self):
-        return self._critic_steps if getattr(self, "backend", None) is not None else None
-
-    @critic_steps.setter
-    def critic_steps(self, value):
-        self._critic_steps = value
-
-    def spec(self):
-        sp = super().spec()
-        sp.grids = [g[g >= self.rollout_t] for g in sp.grids]
-        return sp
-
-
 def _is_main(accelerator) -> bool:
     return accelerator is None or accelerator.is_main_process
 
@@ -717,7 +692,7 @@ def make_method(recipe: FullRecipe, stage: Stage, teacher=None):
         return PD(**kw, teacher=teacher)
     if stage.kind == "lcm":
         return LCM(**kw)
-    return DMD2ToLevel(**kw, rollout_t=recipe.rollout_t if recipe.ddil else 0)
+    return DMD2(**kw)
 
 
 @torch.no_grad()
@@ -1132,6 +1107,6 @@ def show_result(result: dict):
     print(f"exported pipeline: {p['pipeline']}")
 
 
-__all__ = ["DMD2Recipe", "DMD2ToLevel", "FullRecipe", "LCMRecipe", "METHODS", "PDRecipe",
+__all__ = ["DMD2Recipe", "FullRecipe", "LCMRecipe", "METHODS", "PDRecipe",
            "RECIPES", "Stage", "evaluate", "from_namespace", "load_config", "make_recipe",
            "plot_history", "run_full", "run_stage", "show_progress", "show_result"]

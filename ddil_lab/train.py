@@ -197,14 +197,16 @@ class Processes:
             dist.all_reduce(t, op=ops[op])
         return t
 
-    def adamw(self, params: list, lr: float, weight_decay: float, shard: bool = False):
-        """AdamW over ``params``; with ``shard`` and several processes, ZeRO-1: each process
-        keeps the moments of its share of the parameters and broadcasts its updates."""
+    def adamw(self, params: list, lr: float, weight_decay: float, shard: bool = False,
+              cls=None):
+        """AdamW (or ``cls``) over ``params``; with ``shard`` and several processes, ZeRO-1: each
+        process keeps the moments of its share of the parameters and broadcasts its updates."""
+        cls = cls or torch.optim.AdamW
         if shard and self.world > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
-            return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=lr,
+            return ZeroRedundancyOptimizer(params, optimizer_class=cls, lr=lr,
                                            weight_decay=weight_decay)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return cls(params, lr=lr, weight_decay=weight_decay)
 
     def consolidate(self, optimizers):
         """Collect sharded optimizer states on process 0 (before it writes a checkpoint)."""
@@ -412,7 +414,8 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
             out_dir: str | None = None, ckpt_every: int = 0, resume: bool = False,
             on_nonfinite: str = "raise", callbacks: tuple = (), eval_every: int = 0,
             progress: bool = True, log_every: int = 1, keep_checkpoints: int = 2,
-            shard_optimizer: bool = False, accelerator=None) -> DistillResult:
+            shard_optimizer: bool = False, accelerator=None,
+            optimizer_class=None) -> DistillResult:
     """Distil ``backend.teacher`` into a student with ``method``, on states from ``sampler``.
 
     :param sampler: where states come from; None = forward diffusion only (no DDIL).
@@ -429,6 +432,9 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
         ``result.skipped`` and the step's ``history`` entry).
     :param callbacks: functions ``f(step, result)`` called every ``eval_every`` steps (on
         process 0 only).
+    :param optimizer_class: the optimizer (default ``torch.optim.AdamW``), e.g.
+        ``bitsandbytes.optim.AdamW8bit`` for 8-bit Adam; it is called as ``cls(params, lr=...,
+        weight_decay=...)``.
     :param shard_optimizer: with several processes, each keeps the AdamW moments of only its
         share of the parameters (ZeRO stage 1, ``ZeroRedundancyOptimizer``): the memory that lets
         SDXL-size students (and DMD2's critic) train on 80 GB GPUs. Checkpoints hold the full
@@ -457,7 +463,7 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
     procs.broadcast_modules(method.modules())
     trainable = {g: [p for p in m.parameters() if p.requires_grad] for g, m in groups.items()}
     opts = {g: procs.adamw(trainable[g], lr=(critic_lr or lr) if g != "student" else lr,
-                           weight_decay=weight_decay, shard=shard_optimizer)
+                           weight_decay=weight_decay, shard=shard_optimizer, cls=optimizer_class)
             for g in groups}
     scheds = {g: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(lr_schedule, warmup, steps))
               for g, o in opts.items()}
@@ -666,14 +672,16 @@ def progressive(backend, start: int = 32, end: int = 4, steps_per_stage: int | l
     budgets = steps_per_stage if isinstance(steps_per_stage, list) else [steps_per_stage] * len(stages)
     if len(budgets) != len(stages):
         raise ValueError(f"steps_per_stage has {len(budgets)} entries for stages {stages}")
-    results, teacher = [], None
+    results, teacher, init = [], None, None
     for n, steps in zip(stages, budgets):
-        view = backend if teacher is None else _StudentInit(backend, teacher)
+        view = backend if init is None else _StudentInit(backend, init)
         method = PD(n_steps=n, substeps=2, reflected=reflected, teacher=teacher)
         res = distill(view, method, sampler_factory() if sampler_factory else None,
                       steps=steps, **kw)
         results.append(res)
         teacher = copy.deepcopy(res.student).eval().requires_grad_(False)
+        init = copy.deepcopy(res.method.student)  # keeps which parameters train (e.g. LoRA)
+        init.load_state_dict(res.student.state_dict())
     return results
 
 
@@ -687,4 +695,4 @@ class _StudentInit:
         return getattr(self.base, name)
 
     def make_student(self):
-        return copy.deepcopy(self.init).train().requires_grad_(True)
+        return copy.deepcopy(self.init).train()
