@@ -112,7 +112,11 @@ def export_pipeline(backend, student, folder: str | os.PathLike, n_steps: int | 
     unet = _merged_unet(student)
     prediction = backend.student_prediction
     scheduler = student_scheduler(backend.pipe.scheduler.config, sampler, prediction, scaling)
-    parts = {k: v for k, v in backend.pipe.components.items()}
+    # one dtype for the whole folder (float32, as the student trains): with mixed precision the
+    # backend holds its frozen parts in bf16/fp16; load with torch_dtype= to sample in either
+    parts = {k: copy.deepcopy(v).to(torch.float32)
+             if isinstance(v, torch.nn.Module) and v.dtype != torch.float32 else v
+             for k, v in backend.pipe.components.items() if k != "unet"}
     parts.update(unet=unet, scheduler=scheduler)
     if "safety_checker" in parts:
         parts["requires_safety_checker"] = False

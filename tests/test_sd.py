@@ -223,8 +223,9 @@ def test_data_free_backend_trains_on_teacher_rollouts(tiny, tmp_path):
     assert _changed(m.student, be.make_student()) > 1e-5
 
 
-def test_mixed_precision_and_gradient_checkpointing(tiny):
+def test_mixed_precision_and_gradient_checkpointing(tiny, tmp_path):
     from ddil_lab.distill import PD
+    from ddil_lab.export import export_pipeline, load_student_pipeline
     from ddil_lab.rollout import StateSampler
     from ddil_lab.train import distill
 
@@ -239,9 +240,15 @@ def test_mixed_precision_and_gradient_checkpointing(tiny):
     st(x, t, cond).square().mean().backward()
     assert all(p.grad is not None for p in st.parameters())
     m = PD(n_steps=2)
-    distill(be, m, StateSampler(beta_frwd=0.0, beta_teacher_bckwrd=1.0), steps=1, batch_size=2,
-            lr=1e-3, progress=False)
+    res = distill(be, m, StateSampler(beta_frwd=0.0, beta_teacher_bckwrd=1.0), steps=1,
+                  batch_size=2, lr=1e-3, progress=False)
     assert _changed(m.student, be.make_student()) > 1e-5
+    # the export is one dtype (float32) although the backend holds bf16 frozen parts
+    pipe, kw = load_student_pipeline(export_pipeline(be, res, tmp_path / "bf16_export"))
+    assert {c.dtype for c in pipe.components.values() if hasattr(c, "dtype")} == {torch.float32}
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(PROMPTS[:1], output_type="pt", generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.isfinite(img).all()
     with pytest.raises(ValueError, match="mixed_precision='fp8'"):
         SDBackend(tiny["sd15"], prompts=PROMPTS, mixed_precision="fp8")
 

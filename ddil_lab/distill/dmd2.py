@@ -29,13 +29,16 @@ class DMD2(Method):
     """:param critic_steps: fake-critic updates per generator update (10 in the paper).
     :param tau_range: fraction of T where the distribution-matching gradient is taken.
     :param gan_weight: weight of the GAN term in the generator loss (0: off).
-    :param gan_critic_weight: weight of the GAN classification loss of the critic head."""
+    :param gan_critic_weight: weight of the GAN classification loss of the critic head.
+    :param norm_floor: lower bound of the normaliser mean|x - x0_real|. With reflection the
+        generator's x and the teacher's x0 can meet on a corner of the support; the
+        normaliser then collapses and |g| explodes (seen on the toy tier: losses near 1e13)."""
 
     name = "dmd2"
 
     def __init__(self, n_steps: int = 4, reflected: bool = False, critic_steps: int = 10,
                  tau_range: tuple = (0.02, 0.98), gan_weight: float = 0.0,
-                 gan_critic_weight: float = 1.0):
+                 gan_critic_weight: float = 1.0, norm_floor: float = 1e-2):
         super().__init__(n_steps, reflected)
         if not isinstance(critic_steps, int) or critic_steps < 1:
             raise ValueError(f"critic_steps={critic_steps!r} must be a positive int")
@@ -45,7 +48,10 @@ class DMD2(Method):
         if gan_weight < 0:
             raise ValueError(f"gan_weight={gan_weight} must be >= 0")
         self.critic_steps, self.tau_range = critic_steps, tuple(tau_range)
+        if not norm_floor > 0:
+            raise ValueError(f"norm_floor={norm_floor} must be > 0")
         self.gan_weight, self.gan_critic_weight = gan_weight, gan_critic_weight
+        self.norm_floor = norm_floor
 
     def setup(self, backend):
         super().setup(backend)
@@ -103,7 +109,7 @@ class DMD2(Method):
             x_tau = self.schedule.q_sample(x, tau, torch.randn_like(x))
             x0_real = self.teacher_x0(x_tau, tau, cond)
             x0_fake = self.th(self.critic(x_tau, tau, cond))
-            norm = per_sample_mean((x - x0_real).abs()).clamp_min(1e-8)
+            norm = per_sample_mean((x - x0_real).abs()).clamp_min(self.norm_floor)
             return (x0_fake - x0_real) / _bcast(norm, x), x_tau, tau
 
     def losses(self, states):
