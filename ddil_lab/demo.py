@@ -76,6 +76,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256, help="states per step per seed")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated; trained as one ensemble")
     p.add_argument("--n-eval", type=int, default=4000, help="evaluation samples")
+    p.add_argument("--hidden", type=int, default=16,
+                   help="width of the student MLP (16: the small-student regime where DDIL helps "
+                        "under guidance in this toy; 128: no effect)")
     p.add_argument("--init-steps", type=int, default=3000,
                    help="training steps of the MLP the students start from")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds; for tests)")
@@ -86,7 +89,8 @@ def main(argv=None):
     arms = ("reflected", "ddil+reflected") if a.reflected else ("baseline", "ddil")
 
     t0 = time.perf_counter()
-    backend = tx.make_backend(a.setting, guidance=a.guidance, init_steps=a.init_steps)
+    backend = tx.make_backend(a.setting, guidance=a.guidance, init_steps=a.init_steps,
+                              hidden=a.hidden)
     res = tx.run_setting(backend, a.setting, (a.method,), arms, seeds, a.steps, a.batch,
                          n_eval=a.n_eval, train_gap=True,
                          method_kw={"dmd2": {"critic_steps": 5}},
@@ -96,7 +100,7 @@ def main(argv=None):
     md = table(res, arms)
     elapsed = time.perf_counter() - t0
     w = backend.guidance
-    head = (f"{a.method.upper()} 4-step students on {backend.gmm.name}"
+    head = (f"{a.method.upper()} 4-step students (MLP width {a.hidden}) on {backend.gmm.name}"
             f"{f' under CFG w = {w:g}' if w != 1 else ''} (exact teacher), {a.steps} steps x "
             f"batch {a.batch}, seeds {list(seeds)}; reference: the 32-step teacher.")
     os.makedirs(a.out, exist_ok=True)

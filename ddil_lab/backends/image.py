@@ -1,0 +1,577 @@
+"""The image tier: a small diffusers UNet on pixels in [-1, 1].
+
+The same distillation story as the toy tier, on images, through the same Backend contract:
+
+    data       ``ImageData``: CIFAR-10 (torchvision's loader, ``root`` given by the user) or
+               the offline default, scikit-learn's bundled 8x8 digits upsampled to 16x16
+               (1797 images, 10 classes = the known modes; no download, runs on a laptop CPU)
+    network    ``UNet``: ``diffusers.UNet2DModel`` called as ``net(x_t, t, cond)``; class-
+               conditional with a learned null class (label -1 or None), so classifier-free
+               guidance can be taught
+    teacher    ``train_teacher``: eps- or v-prediction training with EMA, safetensors
+               checkpoints and a progress bar; the network is wrapped to predict x0
+               (``denoiser.wrap``) like every other model
+    backend    ``ImageBackend``: teacher (guided with ``CFG`` when w != 1), students and critics
+               as trainable copies of the teacher's network, support [-1, 1] for thresholding
+
+Checkpoints are a folder: ``teacher.safetensors`` (EMA weights), ``teacher.json`` (network,
+prediction, schedule, data, step) and ``train_state.safetensors`` (online weights, AdamW moments,
+RNG state) so training resumes exactly where it stopped. Nothing here unpickles a file:
+CIFAR-10's own batches are read by torchvision.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..denoiser import CFG, wrap
+from ..diffusion import Schedule, Threshold
+from ..hub import require_download
+from .base import Backend
+
+PREDICTIONS = ("eps", "v", "x0")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ImageData:
+    """A labelled image set held in memory.
+
+    :param images: (N, C, H, W) uint8 in [0, 255] (kept compact, converted per batch) or float
+        in [-1, 1].
+    :param labels: (N,) integer class of each image.
+    :param hflip: random horizontal flips as training augmentation (CIFAR-10 yes, digits no).
+    """
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list
+    hflip: bool = False
+
+    def __post_init__(self):
+        if self.images.ndim != 4:
+            raise ValueError(f"images must have shape (N, C, H, W), got {tuple(self.images.shape)}")
+        self.labels = torch.as_tensor(self.labels, dtype=torch.long)
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"labels must have shape ({len(self.images)},), "
+                             f"got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __repr__(self) -> str:
+        return (f"ImageData({self.name!r}, n={len(self)}, shape={self.shape}, "
+                f"classes={self.num_classes})")
+
+    shape = property(lambda self: tuple(self.images.shape[1:]))  # (C, H, W)
+    num_classes = property(lambda self: len(self.class_names))
+
+    @property
+    def class_weights(self) -> torch.Tensor:
+        """(K,) frequency of each class: the weights of the known modes."""
+        return torch.bincount(self.labels, minlength=self.num_classes).double() / len(self)
+
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images idx as float32 in [-1, 1] (B, C, H, W), and their labels (B,)."""
+        x = self.images[idx]
+        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+        return x, self.labels[idx]
+
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """n images drawn uniformly with replacement: (x0 (n, C, H, W) in [-1, 1], labels (n,)).
+        ``augment`` flips half of them horizontally when the data set allows it."""
+        idx = torch.randint(0, len(self), (n,), generator=generator)
+        x, y = self.get(idx)
+        if augment and self.hflip:
+            flip = torch.rand(n, generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, y
+
+    def split(self, frac: float = 0.9, seed: int = 0) -> tuple[ImageData, ImageData]:
+        """A random (train, held-out) split with ``frac`` of the images in the first part."""
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        k = int(round(frac * len(self)))
+        return self._subset(perm[:k], ":train"), self._subset(perm[k:], ":heldout")
+
+    def _subset(self, idx, tag: str) -> ImageData:
+        return ImageData(f"{self.name}{tag}", self.images[idx], self.labels[idx],
+                         self.class_names, self.hflip)
+
+
+def load_digits(size: int = 16) -> ImageData:
+    """scikit-learn's bundled handwritten digits (1797 images, 8x8, values 0..16), bilinearly
+    upsampled to size x size and scaled to [-1, 1]; the 10 digit classes are the known modes."""
+    from sklearn.datasets import load_digits as _sk_digits
+
+    d = _sk_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    if size != 8:
+        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 2 - 1).contiguous()
+    return ImageData("digits", x, torch.tensor(d.target), [str(k) for k in range(10)])
+
+
+def load_cifar10(root: str | Path, train: bool = True, download: bool | None = None) -> ImageData:
+    """CIFAR-10 through torchvision, as (N, 3, 32, 32) uint8 images and their 10 labels.
+
+    :param root: folder that holds (or will hold) ``cifar-10-batches-py/``.
+    :param download: True: download when missing; False: never (clear error when missing);
+        None: download when missing and www.cs.toronto.edu is reachable, else fail fast with
+        ``OfflineError``.
+    """
+    from torchvision.datasets import CIFAR10
+
+    if root is None:
+        raise ValueError("data='cifar10' needs root=<folder holding cifar-10-batches-py/>")
+    folder = Path(root) / CIFAR10.base_folder
+    files = [f for f, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        if download is False:
+            raise FileNotFoundError(f"CIFAR-10 files {missing} are missing in {folder}; pass "
+                                    "download=True, or extract cifar-10-python.tar.gz into "
+                                    f"root={str(root)!r}")
+        require_download(f"CIFAR-10 ({CIFAR10.url}; missing in {folder}: {missing})",
+                         host="www.cs.toronto.edu",
+                         hint=f"Extract cifar-10-python.tar.gz into root={str(root)!r} on this "
+                              "machine, or use the offline data set data='digits'.")
+    try:
+        ds = CIFAR10(str(root), train=train, download=bool(missing))
+    except RuntimeError as e:  # present but wrong checksum
+        raise RuntimeError(f"CIFAR-10 files in {folder} failed torchvision's check: {e}") from e
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
+    return ImageData("cifar10" if train else "cifar10:test", images, torch.tensor(ds.targets),
+                     list(ds.classes), hflip=True)
+
+
+DATASETS = ("digits", "cifar10")
+
+
+def make_data(data: str | ImageData, root=None, download: bool | None = None) -> ImageData:
+    """An ``ImageData`` from a name in ``DATASETS`` (or one passed through)."""
+    if isinstance(data, ImageData):
+        return data
+    if data == "digits":
+        return load_digits()
+    if data == "cifar10":
+        return load_cifar10(root, train=True, download=download)
+    raise ValueError(f"data={data!r} is not one of {DATASETS} (or pass an ImageData)")
+
+
+# ---------------------------------------------------------------------------------------------
+# network
+# ---------------------------------------------------------------------------------------------
+DIGITS_NET = dict(channels=(32, 64, 64), layers_per_block=1, attention=(False, False, False),
+                  norm_groups=8, dropout=0.0)
+"""About 1.1M parameters; 16x16 -> 8x8 -> 4x4; a usable digits teacher in a few CPU minutes."""
+
+TINY_NET = dict(channels=(8, 16), layers_per_block=1, attention=(False, False), norm_groups=4)
+"""A few thousand parameters: for quick runs and tests only (not a usable teacher)."""
+
+CIFAR_NET = dict(channels=(128, 256, 256, 256), layers_per_block=2,
+                 attention=(False, True, False, False), norm_groups=32, dropout=0.1)
+"""The DDPM CIFAR-10 layout (Ho et al. 2020; ~36M parameters), attention at 16x16."""
+
+
+class UNet(nn.Module):
+    """``diffusers.UNet2DModel`` called as ``net(x_t, t, cond)``.
+
+    ``cond`` is None or class labels (B,); with ``num_classes`` > 0 the label embedding has one
+    extra learned "null" class used for label -1 and for None (classifier-free guidance).
+    The raw output has the shape of x_t and is whatever the network was trained to predict.
+
+    :param channels: output channels of each resolution level (each level but the last halves
+        the resolution).
+    :param attention: per level, whether it has self-attention blocks.
+    """
+
+    def __init__(self, sample_size: int, in_channels: int, num_classes: int = 0,
+                 channels=(32, 64, 64), layers_per_block: int = 1, attention=None,
+                 norm_groups: int = 8, dropout: float = 0.0):
+        from diffusers import UNet2DModel
+
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        attention = tuple(attention) if attention is not None else (False,) * len(channels)
+        if len(attention) != len(channels):
+            raise ValueError(f"attention={attention} needs one flag per level of "
+                             f"channels={channels}")
+        if any(c % norm_groups for c in channels):
+            raise ValueError(f"every entry of channels={channels} must be divisible by "
+                             f"norm_groups={norm_groups}")
+        self.config = dict(sample_size=sample_size, in_channels=in_channels,
+                           num_classes=num_classes, channels=list(channels),
+                           layers_per_block=layers_per_block, attention=list(attention),
+                           norm_groups=norm_groups, dropout=dropout)
+        self.num_classes = num_classes
+        down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
+        up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
+        self.unet = UNet2DModel(
+            sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+            block_out_channels=channels, layers_per_block=layers_per_block,
+            down_block_types=down, up_block_types=up, norm_num_groups=norm_groups,
+            dropout=dropout, attention_head_dim=min(channels[0], 32),
+            num_class_embeds=num_classes + 1 if num_classes else None)
+
+    def _labels(self, x_t, cond):
+        if not self.num_classes:
+            return None
+        c = torch.full((x_t.shape[0],), -1, device=x_t.device) if cond is None else cond
+        return torch.where(c < 0, self.num_classes, c).long()
+
+    def forward(self, x_t, t, cond=None):
+        return self.unet(x_t, t, class_labels=self._labels(x_t, cond)).sample
+
+    def features(self, x_t, t, cond=None) -> torch.Tensor:
+        """The mid-block activations (B, C_mid, h, w), e.g. for DMD2's optional GAN head.
+        (Runs the whole UNet and keeps the mid block's output.)"""
+        out = {}
+        hook = self.unet.mid_block.register_forward_hook(lambda m, i, o: out.update(h=o))
+        try:
+            self.unet(x_t, t, class_labels=self._labels(x_t, cond))
+        finally:
+            hook.remove()
+        return out["h"]
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher training and checkpoints
+# ---------------------------------------------------------------------------------------------
+# The regression target of each parameterisation, given (schedule, x_t, t, x0, eps).
+TARGETS = {
+    "eps": lambda S, x_t, t, x0, eps: eps,
+    "v": lambda S, x_t, t, x0, eps: S.v_from_x0(x_t, t, x0),
+    "x0": lambda S, x_t, t, x0, eps: x0,
+}
+
+
+def _save_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _save_tensors(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def read_teacher_config(ckpt_dir: str | Path) -> dict:
+    """The JSON config of a teacher checkpoint folder written by ``train_teacher``."""
+    path = Path(ckpt_dir) / "teacher.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no teacher checkpoint in {ckpt_dir} (missing teacher.json); "
+                                "train one with train_teacher(..., ckpt_dir=...)")
+    return json.loads(path.read_text())
+
+
+def load_teacher(ckpt_dir: str | Path, device="cpu") -> nn.Module:
+    """The EMA teacher of a checkpoint folder as a frozen Denoiser ``(x_t, t, cond) -> x0_hat``."""
+    from safetensors.torch import load_file
+
+    cfg = read_teacher_config(ckpt_dir)
+    net = UNet(**cfg["net"])
+    net.load_state_dict(load_file(str(Path(ckpt_dir) / "teacher.safetensors")))
+    schedule = Schedule(cfg["schedule"]["kind"], cfg["schedule"]["T"])
+    return wrap(net, schedule, cfg["prediction"]).to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(p.detach(), 1.0 - decay)
+
+
+def train_teacher(data: str | ImageData = "digits", *, root=None, schedule: Schedule | None = None,
+                  prediction: str = "v", net: dict | None = None, conditional: bool = True,
+                  steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, warmup: int = 100,
+                  ema_decay: float = 0.999, p_uncond: float = 0.2, grad_clip: float = 1.0,
+                  ckpt_dir: str | Path | None = None, save_every: int = 500, resume: bool = True,
+                  seed: int = 0, device="cpu", amp: bool = False, progress: bool = True,
+                  callback=None) -> nn.Module:
+    """Train a UNet teacher by denoising score matching; return its EMA as a frozen Denoiser.
+
+    Loss: || net(x_t, t, c) - target ||^2 with target eps, v = alpha eps - sigma x0, or x0
+    (``prediction``), x_t = alpha(t) x0 + sigma(t) eps, t ~ U{0..T-1}. The default schedule is
+    the cosine one (Nichol & Dhariwal 2021): it puts the 4-step grid {999, 749, 500, 250}
+    at alpha = 0, 0.38, 0.70, 0.92, where the linear DDPM schedule leaves two of the four
+    steps in almost pure noise (alpha(749) = 0.06); v-prediction keeps x0 finite at
+    alpha = 0. With ``conditional`` the labels are dropped to the null class with
+    probability ``p_uncond`` (classifier-free guidance). AdamW with linear warmup, then a
+    constant lr; EMA with the usual warmup decay_k = min(ema_decay, (1 + k) / (10 + k)).
+
+    :param data: "digits", "cifar10" (needs ``root``) or an ``ImageData``.
+    :param net: ``UNet`` settings (channels, layers_per_block, attention, norm_groups, dropout);
+        default ``DIGITS_NET`` for images up to 16 px, ``CIFAR_NET`` above.
+    :param ckpt_dir: folder for checkpoints (every ``save_every`` steps and at the end). With
+        ``resume``, a folder holding a run with the same settings continues from its step (and
+        a finished run is just loaded).
+    :param amp: bfloat16 autocast on CUDA (the loss and EMA stay in float32).
+    :param callback: ``callback(step, loss)`` after every step (live plots).
+    """
+    from tqdm.auto import tqdm
+
+    if prediction not in TARGETS:
+        raise ValueError(f"prediction={prediction!r} is not one of {tuple(TARGETS)}")
+    data = make_data(data, root)
+    schedule = schedule or Schedule("cosine")
+    alpha_T = float(schedule.alpha(schedule.T - 1))
+    if prediction == "eps" and alpha_T < 1e-3:
+        raise ValueError(f"prediction='eps' divides by alpha(T-1)={alpha_T:.1e} under the "
+                         f"{schedule.kind!r} schedule; use prediction='v' or "
+                         "schedule=Schedule('linear')")
+    C, H, W = data.shape
+    net_cfg = dict(net or (DIGITS_NET if H <= 16 else CIFAR_NET))
+    net_cfg.update(sample_size=H, in_channels=C, num_classes=data.num_classes if conditional else 0)
+    torch.manual_seed(seed)
+    model = UNet(**net_cfg).to(device)
+    cfg = dict(net=model.config, prediction=prediction, data=data.name, data_shape=[C, H, W],
+               schedule=dict(kind=schedule.kind, T=schedule.T), seed=seed, batch_size=batch_size,
+               lr=lr, warmup=warmup, ema_decay=ema_decay, p_uncond=p_uncond, step=0, steps=steps)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    start = 0
+    ckpt = Path(ckpt_dir) if ckpt_dir is not None else None
+    if ckpt is not None and resume and (ckpt / "train_state.safetensors").is_file():
+        start = _load_state(ckpt, cfg, model, ema, opt, g)
+
+    def save(step):
+        cfg["step"] = step
+        ckpt.mkdir(parents=True, exist_ok=True)
+        _save_tensors(ckpt / "teacher.safetensors", ema.state_dict())
+        _save_state(ckpt, model, opt, g)
+        _save_json(ckpt / "teacher.json", cfg)
+
+    target = TARGETS[prediction]
+    model.train()
+    bar = tqdm(range(start, steps), desc=f"{data.name} teacher", disable=not progress,
+               initial=start, total=steps)
+    for k in bar:
+        x0, c, t, eps = _batch(data, schedule, batch_size, conditional, p_uncond, g, device)
+        x_t = schedule.q_sample(x0, t, eps)
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=amp):
+            out = model(x_t, t, c)
+        loss = ((out.float() - target(schedule, x_t, t, x0, eps)) ** 2).mean()
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (k + 1) / max(warmup, 1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        _ema_update(ema, model, min(ema_decay, (1 + k) / (10 + k)))
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if callback is not None:
+            callback(k + 1, loss.item())
+        if ckpt is not None and ((k + 1) % save_every == 0 or k + 1 == steps):
+            save(k + 1)
+    return wrap(ema, schedule, prediction).eval()
+
+
+def _batch(data, schedule, n, conditional, p_uncond, g, device):
+    """A training batch (x0, labels with p_uncond of them dropped to -1, or None, t, eps), drawn
+    on the CPU from ``g`` (so runs and resumptions are reproducible) and moved to ``device``."""
+    x0, c = data.sample(n, g, augment=True)
+    c = torch.where(torch.rand(n, generator=g) < p_uncond, -1, c).to(device) if conditional \
+        else None
+    t = torch.randint(0, schedule.T, (n,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    return x0.to(device), c, t.to(device), eps.to(device)
+
+
+# The resumable training state lives in safetensors, no pickles: the online weights, AdamW's
+# per-parameter step and moments, and the data/noise generator state.
+def _save_state(ckpt: Path, model: nn.Module, opt, g: torch.Generator) -> None:
+    state = {f"net.{k}": v for k, v in model.state_dict().items()}
+    names = dict(zip(map(id, model.parameters()), (n for n, _ in model.named_parameters())))
+    for p, s in opt.state.items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            state[f"adam.{key}.{names[id(p)]}"] = torch.as_tensor(s[key], dtype=torch.float32)
+    state["rng"] = g.get_state()
+    state["rng_torch"] = torch.get_rng_state()  # dropout
+    _save_tensors(ckpt / "train_state.safetensors", state)
+
+
+def _load_state(ckpt: Path, cfg: dict, model, ema, opt, g) -> int:
+    from safetensors.torch import load_file
+
+    old = read_teacher_config(ckpt)
+    for key in ("net", "prediction", "data", "data_shape", "schedule", "seed", "batch_size",
+                "lr", "warmup", "ema_decay", "p_uncond"):
+        if old.get(key) != cfg[key]:
+            raise ValueError(f"cannot resume the teacher in {ckpt}: its {key}={old.get(key)!r} "
+                             f"differs from {key}={cfg[key]!r}; use another ckpt_dir or "
+                             "resume=False")
+    dev = next(model.parameters()).device
+    state = load_file(str(ckpt / "train_state.safetensors"))
+    model.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+    ema.load_state_dict(load_file(str(ckpt / "teacher.safetensors")))
+    for n, p in model.named_parameters():
+        if f"adam.step.{n}" in state:
+            opt.state[p] = {"step": state[f"adam.step.{n}"].float(),
+                            "exp_avg": state[f"adam.exp_avg.{n}"].to(dev),
+                            "exp_avg_sq": state[f"adam.exp_avg_sq.{n}"].to(dev)}
+    g.set_state(state["rng"])
+    torch.set_rng_state(state["rng_torch"])
+    return int(old["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend
+# ---------------------------------------------------------------------------------------------
+_TRAINED: dict = {}  # teachers trained in this process without a ckpt_dir, keyed by recipe
+
+
+class ImageBackend(Backend):
+    """Small-UNet image backend (pixels in [-1, 1]).
+
+    :param data: "digits" (offline, 1x16x16), "cifar10" (3x32x32, needs ``root``) or an
+        ``ImageData``.
+    :param teacher: a checkpoint folder written by ``train_teacher``, a Denoiser
+        ``(x_t, t, cond) -> x0_hat`` (e.g. ``load_teacher(...)``) with ``.net`` and
+        ``.schedule``, or None to train one with ``teacher_steps`` (saved in ``teacher_dir``
+        when given, and cached in this process).
+    :param guidance: classifier-free guidance scale w of the teacher; 1.0 is the plain
+        conditional teacher.
+    :param conditional: distil class-conditionally (cond = labels (B,)) or unconditionally
+        (cond = None, the teacher's null class: the class histogram then measures mode
+        coverage); None: conditional when the teacher is.
+    :param teacher_kw: more ``train_teacher`` settings when teacher is None (prediction, net,
+        batch_size, lr, ...).
+    """
+
+    def __init__(self, data: str | ImageData = "digits", teacher=None, *, guidance: float = 1.0,
+                 conditional: bool | None = None, root=None, download: bool | None = None,
+                 teacher_dir=None, teacher_steps: int = 2000, device="cpu", seed: int = 0,
+                 **teacher_kw):
+        if not guidance >= 1.0:
+            raise ValueError(f"guidance={guidance} must be >= 1 (1 = no guidance)")
+        self.data = make_data(data, root, download)
+        self.device = torch.device(device)
+        if teacher is None:
+            teacher = self._train(teacher_dir, teacher_steps, seed, teacher_kw)
+        elif isinstance(teacher, (str, Path)):
+            cfg = read_teacher_config(teacher)
+            if tuple(cfg["data_shape"]) != self.data.shape:
+                raise ValueError(f"teacher {teacher} was trained on {cfg['data']!r} images of "
+                                 f"shape {tuple(cfg['data_shape'])}, but data={self.data.name!r} "
+                                 f"has shape {self.data.shape}")
+            teacher = load_teacher(teacher)
+        if not (hasattr(teacher, "net") and hasattr(teacher, "schedule")):
+            raise TypeError("teacher must be a checkpoint folder or a wrapped Denoiser with .net "
+                            "and .schedule (see ddil_lab.denoiser.wrap)")
+        self.cond_teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.schedule = teacher.schedule
+        self.guidance = guidance
+        has_labels = getattr(teacher.net, "num_classes", 0) > 0
+        if conditional and not has_labels:
+            raise ValueError("conditional=True needs a class-conditional teacher "
+                             "(train_teacher(conditional=True))")
+        self.conditional = has_labels if conditional is None else bool(conditional)
+        if guidance != 1.0 and not self.conditional:
+            raise ValueError(f"guidance={guidance} needs conditional=True and a class-conditional "
+                             "teacher (train_teacher(conditional=True))")
+        self.teacher = CFG(self.cond_teacher, guidance) if guidance != 1.0 else self.cond_teacher
+        self.support = Threshold("static", -1.0, 1.0)
+        self.shape = self.data.shape
+        self.num_classes = self.data.num_classes
+        self.class_weights = self.data.class_weights
+
+    def _train(self, teacher_dir, steps, seed, kw):
+        if teacher_dir is not None:
+            return train_teacher(self.data, steps=steps, ckpt_dir=teacher_dir, seed=seed,
+                                 device=self.device, **kw)
+        key = (self.data.name, len(self.data), self.data.shape, steps, seed,
+               repr(sorted(kw.items())))
+        if key not in _TRAINED:
+            _TRAINED[key] = train_teacher(self.data, steps=steps, seed=seed, device=self.device,
+                                          **kw)
+        return copy.deepcopy(_TRAINED[key])
+
+    def __repr__(self):
+        return (f"ImageBackend({self.data.name!r}, shape={self.shape}, guidance={self.guidance}, "
+                f"prediction={type(self.cond_teacher).__name__})")
+
+    def sample_data(self, n, generator=None):
+        x0, c = self.data.sample(n, generator)
+        return x0.to(self.device), (c.to(self.device) if self.conditional else None)
+
+    def sample_cond(self, n, generator=None):
+        """Class labels drawn with the data's class weights (None when unconditional)."""
+        if not self.conditional:
+            return None
+        idx = torch.multinomial(self.class_weights, n, replacement=True, generator=generator)
+        return idx.to(self.device)
+
+    def sample_noise(self, n, generator=None):
+        return torch.randn((n, *self.shape), generator=generator).to(self.device)
+
+    def make_student(self) -> nn.Module:
+        """A trainable copy of the teacher's wrapped network (same parameterisation)."""
+        return copy.deepcopy(self.cond_teacher).train().requires_grad_(True)
+
+    def plot_samples(self, x, ax, nrow: int | None = None, title: str | None = None):
+        from ..plots_image import image_grid
+        return image_grid(x, ax, nrow=nrow, title=title)
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+NETS = {"digits": DIGITS_NET, "cifar": CIFAR_NET, "tiny": TINY_NET}
+
+
+def main(argv=None) -> None:
+    """Train (or resume) a teacher from the command line:
+
+        python -m ddil_lab.backends.image --data digits --ckpt-dir runs/image_teacher_digits
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="digits", choices=DATASETS)
+    p.add_argument("--root", default=None, help="CIFAR-10 folder (data cifar10)")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 when missing")
+    p.add_argument("--ckpt-dir", required=True, help="checkpoint folder (resumed when present)")
+    p.add_argument("--net", default=None, choices=tuple(NETS),
+                   help="UNet layout (default: digits for <= 16 px, cifar above)")
+    p.add_argument("--prediction", default="v", choices=PREDICTIONS)
+    p.add_argument("--unconditional", action="store_true", help="no class labels")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    data = make_data(a.data, a.root, True if a.download else None)
+    train_teacher(data, prediction=a.prediction, net=NETS[a.net] if a.net else None,
+                  conditional=not a.unconditional, steps=a.steps, batch_size=a.batch_size,
+                  lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay, ckpt_dir=a.ckpt_dir,
+                  save_every=a.save_every, seed=a.seed, device=a.device, amp=a.amp)
+    print(f"teacher checkpoint: {a.ckpt_dir} ({read_teacher_config(a.ckpt_dir)['step']} steps)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,551 @@
+"""Image metrics: FID with a pluggable feature extractor, mode coverage from a classifier,
+LPIPS diversity, precision/recall, and covariate shift per step in a feature space.
+
+- FID (Heusel et al. 2017): the Frechet distance between Gaussians fitted to features,
+      FD = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2).
+  Features come from Inception-v3 (``inception_features``; downloaded weights, fail fast
+  offline) or from the small classifier trained here on the offline digits
+  (``train_classifier``; its penultimate layer).
+- Mode coverage: the class histogram of samples under a classifier, the fraction of classes
+  present, and the total variation to the data's class weights.
+- LPIPS diversity (DDIL paper, Sec. 5): pairwise LPIPS among samples of the same conditioning,
+  averaged over pairs, then over conditionings (``lpips_diversity``).
+- Precision / recall (Kynkaenniemi et al. 2019): k-NN manifold estimates in feature space.
+- Covariate shift per step: the Frechet distance between the states a policy visits at t and
+  forward-diffused data states q_t, in a feature space (default: pixels average-pooled to 8x8).
+
+Every function takes images (N, C, H, W) in [-1, 1] or features (N, D).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..hub import require_download
+
+
+# ---------------------------------------------------------------------------------------------
+# Frechet distance
+# ---------------------------------------------------------------------------------------------
+def gaussian_stats(feats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
+    f = torch.as_tensor(feats).detach().double().cpu().flatten(1)
+    if len(f) < 2:
+        raise ValueError(f"need at least 2 feature vectors, got {len(f)}")
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
+
+
+def _sqrtm_psd(S: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a positive semi-definite matrix (eigenvalues clamped at 0)."""
+    lam, U = torch.linalg.eigh((S + S.T) / 2)
+    return (U * lam.clamp_min(0).sqrt()) @ U.T
+
+
+def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b) -> float:
+    """FD between N(mu_a, cov_a) and N(mu_b, cov_b), computed in float64.
+    Tr((S_a S_b)^1/2) is taken as Tr((R S_b R)^1/2) with R = S_a^1/2 (same eigenvalues, and
+    symmetric, so no complex parts as with scipy's sqrtm)."""
+    mu_a, mu_b, cov_a, cov_b = (torch.as_tensor(a).double() for a in (mu_a, mu_b, cov_a, cov_b))
+    R = _sqrtm_psd(cov_a)
+    cross = torch.linalg.eigvalsh(R @ cov_b @ R).clamp_min(0).sqrt().sum()
+    fd = (mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross
+    return float(fd.clamp_min(0))
+
+
+def frechet_distance(feats_a, feats_b) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N_a, D), (N_b, D).
+    FID when the features are Inception pool features."""
+    return frechet_distance_from_stats(*gaussian_stats(feats_a), *gaussian_stats(feats_b))
+
+
+# ---------------------------------------------------------------------------------------------
+# feature extractors: callables (N, C, H, W) in [-1, 1] -> (N, D)
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract(features, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Apply a feature extractor in batches; returns float32 features on the CPU."""
+    dev = _device(features, x)
+    return torch.cat([features(x[i:i + batch_size].to(dev)).float().cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def _device(model, x: torch.Tensor) -> torch.device:
+    """Where a model's parameters live (x's device for parameter-free callables)."""
+    params = model.parameters() if isinstance(model, nn.Module) else iter(())
+    return next((p.device for p in params), x.device)
+
+
+def _cached_weights(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _require_weights(what: str, url: str) -> None:
+    """Fail fast unless the torch-hub file of ``url`` is cached or its host is reachable."""
+    if not _cached_weights(url).is_file():
+        host = url.split("/")[2]
+        require_download(f"{what} ({url})", host=host,
+                         hint=f"Copy {url.rsplit('/', 1)[-1]} into {_cached_weights(url).parent} "
+                              "(the torch hub cache; TORCH_HOME moves it), or use the offline "
+                              "digits features (train_classifier).")
+
+
+class InceptionFeatures(nn.Module):
+    """2048-d pool features of Inception-v3 for FID, on images in [-1, 1] of any size (resized
+    to 299; grayscale repeated to RGB).
+
+    :param kind: "torchvision" (ImageNet weights from download.pytorch.org; values are close to
+        but not the same as published FIDs) or "pytorch_fid" (the standard TF-FID weights of
+        the pytorch-fid package, from github.com; needs ``pip install pytorch-fid``); "auto"
+        picks "pytorch_fid" when that package is installed.
+    Raises ``OfflineError`` within seconds when the weights are not cached and cannot be
+    downloaded.
+    """
+
+    def __init__(self, kind: str = "auto"):
+        super().__init__()
+        if kind == "auto":
+            try:
+                import pytorch_fid  # noqa: F401
+                kind = "pytorch_fid"
+            except ImportError:
+                kind = "torchvision"
+        if kind == "torchvision":
+            from torchvision.models import Inception_V3_Weights, inception_v3
+
+            w = Inception_V3_Weights.IMAGENET1K_V1
+            _require_weights("Inception-v3 weights for FID", w.url)
+            self.model = inception_v3(weights=w, aux_logits=True, transform_input=False)
+            self.model.fc = nn.Identity()
+        elif kind == "pytorch_fid":
+            try:
+                from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
+            except ImportError as e:
+                raise ImportError("InceptionFeatures(kind='pytorch_fid') needs "
+                                  "`pip install pytorch-fid`") from e
+            _require_weights("pytorch-fid Inception weights", FID_WEIGHTS_URL)
+            self.model = InceptionV3([3], resize_input=True, normalize_input=True)
+        else:
+            raise ValueError(f"kind={kind!r} is not one of ('auto', 'torchvision', 'pytorch_fid')")
+        self.kind = kind
+        self.eval().requires_grad_(False)
+
+    def forward(self, x):
+        x = x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
+        if self.kind == "pytorch_fid":
+            return self.model((x + 1) / 2)[0].flatten(1)  # it resizes and rescales itself
+        x = nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        mean = torch.tensor([0.485, 0.456, 0.406], device=x.device)[:, None, None]
+        std = torch.tensor([0.229, 0.224, 0.225], device=x.device)[:, None, None]
+        return self.model(((x + 1) / 2 - mean) / std)
+
+
+class Classifier(nn.Module):
+    """A small CNN classifier on images in [-1, 1]; ``features`` is its penultimate layer
+    (the offline FID features) and ``forward`` gives logits (mode coverage)."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16, feat_dim: int = 64):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Linear(2 * w * 16, feat_dim), nn.SiLU())
+        self.head = nn.Linear(feat_dim, num_classes)
+        self.accuracy: float | None = None  # held-out accuracy, set by train_classifier
+
+    def features(self, x):  # (N, feat_dim)
+        return self.body(x.float())
+
+    def forward(self, x):  # (N, num_classes) logits
+        return self.head(self.features(x))
+
+
+def _augment(x: torch.Tensor, g: torch.Generator, noise: float) -> torch.Tensor:
+    """Shift by up to one pixel and add Gaussian noise, so generated samples are classified
+    robustly."""
+    dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
+    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    return x + noise * torch.randn(x.shape, generator=g)
+
+
+_CLASSIFIERS: dict = {}
+
+
+def train_classifier(data, steps: int = 600, batch_size: int = 64, lr: float = 3e-3,
+                     noise: float = 0.1, heldout: float = 0.15, seed: int = 0,
+                     progress: bool = False) -> Classifier:
+    """Train a ``Classifier`` on an ``ImageData`` (e.g. the offline digits) and measure its
+    accuracy on a held-out split (``.accuracy``). Cached per recipe in this process; about
+    20 s on a 2-core CPU for the digits."""
+    from tqdm.auto import tqdm
+
+    key = (data.name, len(data), data.shape, steps, batch_size, lr, noise, heldout, seed)
+    if key in _CLASSIFIERS:
+        return _CLASSIFIERS[key]
+    train, test = data.split(1 - heldout, seed)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    clf = Classifier(data.shape[0], data.num_classes)
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in tqdm(range(steps), desc="classifier", disable=not progress):
+        x, y = train.sample(batch_size, g, augment=True)
+        loss = nn.functional.cross_entropy(clf(_augment(x, g, noise)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    clf.eval().requires_grad_(False)
+    x, y = test.get(torch.arange(len(test)))
+    clf.accuracy = float((predict(clf, x) == y).double().mean())
+    _CLASSIFIERS[key] = clf
+    return clf
+
+
+class ClassifierFeatures(nn.Module):
+    """The penultimate features of a classifier as a feature extractor (offline FID)."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x):
+        return self.classifier.features(x)
+
+
+def pooled_pixels(x: torch.Tensor, size: int = 8) -> torch.Tensor:
+    """Pixels average-pooled to size x size and flattened (N, C*size*size): a feature space for
+    noisy states, where pooling averages out the per-pixel noise."""
+    return nn.functional.adaptive_avg_pool2d(x.float(), size).flatten(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# mode coverage
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(classifier, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Predicted class (N,) of images under any classifier returning logits (N, K)."""
+    dev = _device(classifier, x)
+    return torch.cat([classifier(x[i:i + batch_size].to(dev)).argmax(1).cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def mode_coverage(x: torch.Tensor, classifier, class_weights, min_count: int = 1) -> dict:
+    """Class histogram of samples under ``classifier``; ``coverage``: the fraction of classes
+    with at least ``min_count`` samples; ``tv``: total variation between the histogram and
+    the data's ``class_weights`` (K,)."""
+    w = torch.as_tensor(class_weights, dtype=torch.float64)
+    counts = torch.bincount(predict(classifier, x), minlength=len(w)).double()
+    freq = counts / counts.sum()
+    return {"coverage": float((counts >= min_count).double().mean()),
+            "tv": float(0.5 * (freq - w / w.sum()).abs().sum()),
+            "hist": freq.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# diversity
+# ---------------------------------------------------------------------------------------------
+def _groups(samples_by_cond) -> list[torch.Tensor]:
+    """A dict cond -> (n, ...), a list of (n, ...), a (G, n, ...) tensor or one (n, ...) set."""
+    if isinstance(samples_by_cond, dict):
+        groups = list(samples_by_cond.values())
+    elif isinstance(samples_by_cond, (list, tuple)):
+        groups = list(samples_by_cond)
+    elif torch.is_tensor(samples_by_cond) and samples_by_cond.ndim == 5:
+        groups = list(samples_by_cond)
+    else:
+        groups = [samples_by_cond]
+    if not groups or any(len(x) < 2 for x in groups):
+        raise ValueError("samples_by_cond needs at least one group, each with >= 2 samples")
+    return groups
+
+
+@torch.no_grad()
+def pairwise_diversity(samples_by_cond, distance, batch_size: int = 64) -> float:
+    """The paper's diversity protocol with any distance: for each conditioning, the mean of
+    ``distance(a, b)`` (P,) over all pairs of its samples; then the mean over conditionings."""
+    per_group = []
+    for x in _groups(samples_by_cond):
+        i, j = torch.triu_indices(len(x), len(x), offset=1)
+        d = torch.cat([distance(x[i[k:k + batch_size]], x[j[k:k + batch_size]]).flatten().cpu()
+                       for k in range(0, len(i), batch_size)])
+        per_group.append(d.double().mean())
+    return float(torch.stack(per_group).mean())
+
+
+# torchvision weights that lpips loads for its trunk
+_LPIPS_TRUNKS = {"alex": ("AlexNet_Weights", "IMAGENET1K_V1"),
+                 "vgg": ("VGG16_Weights", "IMAGENET1K_V1"),
+                 "squeeze": ("SqueezeNet1_1_Weights", "IMAGENET1K_V1")}
+
+
+def lpips_model(net: str = "alex", pretrained: bool = True, device="cpu") -> nn.Module:
+    """An ``lpips.LPIPS`` model. ``pretrained=False`` keeps the package's calibrated linear
+    layers but uses a random trunk (no download; for tests only: not a perceptual metric).
+    Raises ``OfflineError`` within seconds when the trunk's weights are needed and not cached."""
+    import torchvision.models as tvm
+
+    if net not in _LPIPS_TRUNKS:
+        raise ValueError(f"net={net!r} is not one of {tuple(_LPIPS_TRUNKS)}")
+    if pretrained:
+        enum, member = _LPIPS_TRUNKS[net]
+        _require_weights(f"{net} trunk weights for LPIPS", getattr(getattr(tvm, enum), member).url)
+    import warnings
+
+    import lpips
+
+    with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net=net, pnet_rand=not pretrained, verbose=False)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def lpips_diversity(samples_by_cond, net: str = "alex", model: nn.Module | None = None,
+                    min_size: int = 64, batch_size: int = 64, device="cpu") -> float:
+    """LPIPS diversity (DDIL paper, Sec. 5): pairwise LPIPS among the samples of each
+    conditioning (e.g. 10 seeds of one prompt), averaged over pairs and then over
+    conditionings. Higher = more diverse.
+
+    :param samples_by_cond: dict cond -> images (n, C, H, W) in [-1, 1], a list of such sets, a
+        (G, n, C, H, W) tensor, or one set (n, C, H, W). Grayscale is repeated to RGB; images
+        smaller than ``min_size`` are upsampled (AlexNet's trunk needs about 64 px).
+    :param model: an ``lpips.LPIPS`` (default ``lpips_model(net)``, which needs the trunk's
+        weights).
+    """
+    model = model if model is not None else lpips_model(net, device=device)
+    dev = next(model.parameters()).device
+
+    def distance(a, b):
+        a, b = (_lpips_input(v, min_size).to(dev) for v in (a, b))
+        return model(a, b)
+
+    return pairwise_diversity(samples_by_cond, distance, batch_size)
+
+
+def _lpips_input(x: torch.Tensor, min_size: int) -> torch.Tensor:
+    x = x.float().clamp(-1, 1)
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    if min(x.shape[-2:]) < min_size:
+        x = nn.functional.interpolate(x, size=(min_size, min_size), mode="bilinear",
+                                      align_corners=False)
+    return x
+
+
+def feature_diversity(samples_by_cond, features) -> float:
+    """The same protocol with the Euclidean distance between features (an offline stand-in for
+    LPIPS, e.g. with the digits classifier's features)."""
+    def distance(a, b):
+        return (extract(features, a) - extract(features, b)).norm(dim=1)
+
+    return pairwise_diversity(samples_by_cond, distance)
+
+
+# ---------------------------------------------------------------------------------------------
+# precision / recall
+# ---------------------------------------------------------------------------------------------
+def precision_recall(real_feats, fake_feats, k: int = 3) -> dict:
+    """Improved precision and recall (Kynkaenniemi et al. 2019). Each set's manifold is the
+    union of balls around its points with radius the distance to the k-th nearest neighbour;
+    precision: fraction of fake points inside the real manifold, recall: of real points inside
+    the fake manifold."""
+    real = torch.as_tensor(real_feats).double().flatten(1)
+    fake = torch.as_tensor(fake_feats).double().flatten(1)
+
+    def inside(points, ref):
+        radius = torch.cdist(ref, ref).kthvalue(k + 1, dim=1).values  # (M,): k-th neighbour
+        return (torch.cdist(points, ref) <= radius[None]).any(1).double().mean()
+
+    return {"precision": float(inside(fake, real)), "recall": float(inside(real, fake))}
+
+
+# ---------------------------------------------------------------------------------------------
+# covariate shift per step
+# ---------------------------------------------------------------------------------------------
+def covariate_shift_per_step(traj, x0_ref: torch.Tensor, schedule, features=pooled_pixels,
+                             generator: torch.Generator | None = None) -> dict:
+    """{t: FD(features(states at t), features(q_t states))} along a rollout.
+
+    ``traj`` is a ``sampling.Trajectory`` (``xs[i]`` is the state at ``grid[i]``); the
+    reference states at t are forward-diffused data, x_t = alpha(t) x0 + sigma(t) eps, with
+    x0 from ``x0_ref`` (N, C, H, W): the states forward-only training sees. Two independent
+    reference sets give the noise floor of the estimate (it is not 0 at finite N).
+    """
+    out = {}
+    for t, x_t in zip(traj.grid, traj.xs):
+        eps = torch.randn(x0_ref.shape, generator=generator)
+        ref = schedule.q_sample(x0_ref.float().cpu(), int(t), eps)
+        out[int(t)] = frechet_distance(extract(features, x_t.cpu()), extract(features, ref))
+    return out
+
+
+def image_metrics(x: torch.Tensor, ref_feats: torch.Tensor, features, classifier=None,
+                  class_weights=None, pr_k: int | None = 3) -> dict:
+    """FID (to ``ref_feats`` of the data), precision/recall, and mode coverage / TV when a
+    ``classifier`` and ``class_weights`` are given."""
+    f = extract(features, x)
+    m = {"fid": frechet_distance(f, ref_feats)}
+    if pr_k:
+        m.update(precision_recall(ref_feats, f, k=pr_k))
+    if classifier is not None and class_weights is not None:
+        m.update(mode_coverage(x, classifier, class_weights))
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluation set of an image table
+# ---------------------------------------------------------------------------------------------
+DIVERSITY = ("auto", "lpips", "features", "none")
+
+
+class ImageEvaluator:
+    """One evaluation set shared by every arm, and all image metrics of a sampler on it.
+
+    Every sampler (anything with ``.sample(x_T, cond) -> Trajectory``: a trained arm, a Method,
+    ``toy_experiments.TeacherSampler``) starts from the same noise ``x_T`` and labels ``cond``.
+    ``evaluate`` returns FID (to ``n_ref`` data images, in ``features``), precision/recall,
+    mode coverage and TV to the data's class weights (with a ``classifier``), diversity
+    (pairwise among ``div_per_group`` samples of each of ``div_groups`` conditionings) and,
+    at every student timestep t, the covariate shift ``shift_t{t}``: the Frechet distance in
+    pooled pixels between the sampler's states and forward-diffused data at t
+    (``shift_floor_t{t}``: the same between two forward sets, the estimate's noise floor).
+
+    :param diversity: "lpips" (needs AlexNet weights), "features" (Euclidean distance of
+        ``features``: offline), "auto" (LPIPS when its weights are cached or downloadable, else
+        features; ``diversity_kind`` says which), or "none".
+    """
+
+    def __init__(self, backend, features, classifier=None, n: int = 500, n_steps: int = 4,
+                 n_ref: int = 10000, div_groups: int = 10, div_per_group: int = 10,
+                 diversity: str = "auto", lpips_net: nn.Module | None = None, seed: int = 1234):
+        from ..diffusion import timesteps
+
+        if diversity not in DIVERSITY:
+            raise ValueError(f"diversity={diversity!r} is not one of {DIVERSITY}")
+        self.backend, self.features, self.classifier = backend, features, classifier
+        S, g = backend.schedule, torch.Generator().manual_seed(seed)
+        self.grid = timesteps(n_steps, S.T).tolist()
+        self.x_T, self.cond = backend.sample_noise(n, g), backend.sample_cond(n, g)
+        data = backend.data
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 1))
+        n_hold = min(n, len(data) // 3)  # held-out data: the "data" row, FID's floor
+        self.x0_data, self.y_data = data.get(perm[:n_hold])
+        self.x0_ref = data.get(perm[n_hold:n_hold + n_ref])[0]  # FID reference, forward states
+        self.ref_feats = extract(features, self.x0_ref)
+        self.class_weights = data.class_weights
+        # diversity: div_groups conditionings, div_per_group noises each
+        labels = (torch.arange(div_groups) % data.num_classes).repeat_interleave(div_per_group)
+        self.div_cond = labels.to(self.x_T.device) if backend.conditional else None
+        self.div_x_T = backend.sample_noise(div_groups * div_per_group, g)
+        self.div_shape = (div_groups, div_per_group)
+        self.diversity_kind, self._distance = _diversity_distance(diversity, features, lpips_net,
+                                                                  backend.device)
+        # the noise floor of the per-step shift: two independent forward sets
+        m = min(n, len(self.x0_ref) // 2)
+        a, b = self.x0_ref[:m], self.x0_ref[-m:]
+        self.shift_floor = {t: frechet_distance(
+            pooled_pixels(S.q_sample(a, t, torch.randn(a.shape, generator=g))),
+            pooled_pixels(S.q_sample(b, t, torch.randn(b.shape, generator=g))))
+            for t in self.grid}
+
+    @classmethod
+    def for_backend(cls, backend, classifier_steps: int = 600, inception: str = "auto", **kw):
+        """The evaluator of the offline digits (a classifier trained here gives the FID
+        features and the class histogram) or of other data (``InceptionFeatures(inception)``,
+        downloaded weights, no classifier). ``kw`` go to ``ImageEvaluator``."""
+        if backend.data.name.startswith("digits"):
+            clf = train_classifier(backend.data, steps=classifier_steps).to(backend.device)
+            return cls(backend, ClassifierFeatures(clf), clf, **kw)
+        return cls(backend, InceptionFeatures(inception).to(backend.device), None, **kw)
+
+    @torch.no_grad()
+    def data_row(self) -> dict:
+        """The same metrics of held-out data images (no trajectory): the floor of FID and TV
+        at this sample size. Diversity groups hold images of one class (conditional) or
+        random images (unconditional)."""
+        x = self.x0_data
+        out = image_metrics(x, self.ref_feats, self.features, self.classifier,
+                            self.class_weights)
+        if self.diversity_kind != "none":
+            G, m = self.div_shape
+            g = torch.Generator().manual_seed(1)
+            groups = []
+            for k in range(G):
+                pool = (self.y_data == k % self.backend.data.num_classes).nonzero().squeeze(1) \
+                    if self.backend.conditional else torch.arange(len(x))
+                groups.append(x[pool[torch.randperm(len(pool), generator=g)[:m]]])
+            out["diversity"] = pairwise_diversity(groups, self._distance)
+        out["samples"] = x
+        return out
+
+    def reference_rows(self, fine_steps: int = 32) -> dict:
+        """Metrics (with samples) of held-out data (``data_row``) and of the backend's teacher
+        on the student grid: walking the ``fine_steps`` grid inside each step (what students
+        are taught) and plain few-step DDIM (what distillation must beat)."""
+        from ..sampling import DDIMPolicy
+
+        S, n = self.backend.schedule, len(self.grid)
+        return {"data (held out)": self.data_row(),
+                f"teacher {fine_steps}-step": self.evaluate(
+                    _GridSampler(DDIMPolicy(self.backend.teacher, S, fine_steps=fine_steps),
+                                 self.grid, S), with_samples=True),
+                f"teacher DDIM {n}-step": self.evaluate(
+                    _GridSampler(DDIMPolicy(self.backend.teacher, S), self.grid, S),
+                    with_samples=True)}
+
+    @torch.no_grad()
+    def evaluate(self, sampler, with_samples: bool = False) -> dict:
+        """All metrics of one sampler (see the class docstring); ``with_samples`` adds the
+        final samples (``"samples"``) and the trajectory (``"traj"``)."""
+        traj = sampler.sample(self.x_T, self.cond)
+        x = traj.sample.float().cpu().clamp(-1, 1)
+        out = image_metrics(x, self.ref_feats, self.features, self.classifier,
+                            self.class_weights)
+        if self.diversity_kind != "none":
+            d = sampler.sample(self.div_x_T, self.div_cond).sample.float().cpu().clamp(-1, 1)
+            groups = d.reshape(*self.div_shape, *d.shape[1:])
+            out["diversity"] = pairwise_diversity(groups, self._distance)
+        g = torch.Generator().manual_seed(0)  # the same forward noise for every sampler
+        shift = covariate_shift_per_step(traj, self.x0_ref[:len(x)], self.backend.schedule,
+                                         generator=g)
+        for t in self.grid:
+            out[f"shift_t{t}"] = shift[t]
+            out[f"shift_floor_t{t}"] = self.shift_floor[t]
+        out["shift_sum"] = sum(shift[t] - self.shift_floor[t] for t in self.grid)
+        if with_samples:
+            out["samples"], out["traj"] = x, traj
+        return out
+
+
+def _diversity_distance(kind: str, features, lpips_net, device):
+    """(kind actually used, distance(a, b) -> (P,)) for ``ImageEvaluator(diversity=kind)``."""
+    from ..hub import OfflineError
+
+    if kind in ("auto", "lpips"):
+        try:
+            net = lpips_net or lpips_model("alex", device=device)
+        except OfflineError:
+            if kind == "lpips":
+                raise
+        else:
+            dev = _device(net, torch.empty(0))
+            return "lpips", lambda a, b: net(_lpips_input(a, 64).to(dev),
+                                             _lpips_input(b, 64).to(dev))
+    if kind == "none":
+        return "none", None
+    return "features", lambda a, b: (extract(features, a) - extract(features, b)).norm(dim=1)
+
+
+class _GridSampler:
+    """A policy on a fixed grid, with the ``.sample(x_T, cond) -> Trajectory`` of a student."""
+
+    def __init__(self, policy, grid, schedule):
+        self.policy, self.grid, self.schedule = policy, grid, schedule
+
+    def sample(self, x_T, cond=None):
+        from ..sampling import sample
+        return sample(self.policy, x_T, self.grid, cond, schedule=self.schedule)

@@ -1,0 +1,663 @@
+"""Toy experiments: the arms of the DDIL results table, seeds as one batched ensemble, and the
+exact evaluation of a few-step student (DDIL paper, Tables 2/3, at toy scale).
+
+An *arm* is a distillation method (PD, LCM, DMD2) with or without DDIL (states also from
+rollouts) and with or without reflected distillation (x0 clamped to the data support):
+
+    baseline         forward-diffused states only
+    ddil             half forward, half rollouts (PD, DMD2: mixed teacher/student rollouts;
+                     LCM: the student's own 3/4/5-step trajectories, as in the paper)
+    reflected        baseline + x0 estimates clamped to the support [-1, 1]: the teacher's in
+                     every method, also LCM's consistency target and DMD2's generator and
+                     critic (DMD2 then also samples clamped: ``ReflectedDMD2``)
+    ddil+reflected   both
+
+Seeds are trained as one batched ensemble (``EnsembleBackend``/``SeedEnsemble``): one
+``distill`` call whose conditioning routes each state to its seed's student, so the per-step
+overhead is paid once for all seeds.
+
+Two things the evaluation keeps apart (``evaluate_student``):
+
+- *train/inference mismatch* (``shift_t``): at each student timestep t, how unlikely the
+  states the student visits at inference are under the forward marginal q_t(x | c), which is
+  what forward-only training draws from (``metrics.covariate_shift``, nats; 0 = no shift);
+- *drift of the student from the teacher* (``drift_t``): sliced W1 (x1e3, class by class)
+  between the student's states and the teacher's own states at the same t, the teacher walking
+  the 32-step grid (``metrics.state_distance``). Two teacher draws give its noise floor.
+
+Under guidance the two differ: the guided teacher itself leaves q_t(x | c), so a student can be
+far from q_t (large shift) while staying on the teacher's path (small drift).
+
+Typical use in a notebook::
+
+    from ddil_lab.toy_experiments import make_backend, make_reference, train_arm, evaluate_student
+    backend = make_backend("guided")                   # ring8_cond, exact teacher, CFG w = 6
+    ref = make_reference(backend, n=4000)
+    runs = train_arm(backend, "pd", "ddil", seeds=(0, 1, 2), steps=400, batch_size=256)
+    rows = [evaluate_student(run, backend, ref) for run in runs]   # dicts of metrics
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .backends.base import Backend
+from .backends.toy2d import Toy2dBackend
+from .diffusion import NO_THRESHOLD, timesteps
+from .distill import DMD2, make_method
+from .distill.base import Method
+from .metrics import covariate_shift, mmd, mode_stats, nll, state_distance
+from .rollout import StateSampler
+from .sampling import ConsistencyPolicy, DDIMPolicy, Trajectory, sample, take_cond
+from .train import distill
+
+METHODS = ("pd", "lcm", "dmd2")
+ARMS = ("baseline", "ddil", "reflected", "ddil+reflected")
+
+# Where DDIL's rollout states come from, per method (paper, Sec. 4.2).
+DDIL_SOURCE = {"pd": "beta_mixed", "lcm": "beta_student_bckwrd", "dmd2": "beta_mixed"}
+
+SW_PROJECTIONS = 64  # sliced-W1 directions; plenty in 2D, and 4x cheaper than the default 256
+
+# Named settings: (mixture, classifier-free guidance scale of the teacher).
+SETTINGS = {
+    "ring8": ("ring8", 1.0),
+    "guided": ("ring8_cond", 6.0),
+    "grid25": ("grid25", 1.0),
+    "imbalanced": ("imbalanced", 1.0),
+}
+
+
+# ---------------------------------------------------------------- settings and arms
+
+def make_backend(setting: str, teacher: str = "exact", guidance: float | None = None,
+                 init_steps: int = 3000, dim: int = 2, hidden: int = 128) -> Toy2dBackend:
+    """The toy backend of a named setting (see ``SETTINGS``); ``guidance`` overrides the
+    setting's CFG scale (e.g. ``make_backend("guided", guidance=3.0)``); ``hidden`` is the
+    width of the MLP students start from (and of the MLP teacher, if teacher="mlp")."""
+    if setting not in SETTINGS:
+        raise ValueError(f"setting={setting!r} is not one of {tuple(SETTINGS)}")
+    mixture, w = SETTINGS[setting]
+    return Toy2dBackend(mixture, teacher=teacher, guidance=w if guidance is None else guidance,
+                        dim=dim, init_steps=init_steps, hidden=hidden)
+
+
+def method_defaults(method: str, n_steps: int = 4) -> dict:
+    """The method settings the table uses: PD taught by the 32-step teacher (32/n substeps per
+    student step), DMD2 with 5 critic updates per generator update, LCM as in the paper."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if method == "pd":
+        if 32 % n_steps:
+            raise ValueError(f"n_steps={n_steps} must divide 32 for PD (teacher on the 32-step grid)")
+        return {"substeps": 32 // n_steps}
+    return {"critic_steps": 5} if method == "dmd2" else {}
+
+
+def make_sampler(method: str, ddil: bool, share: float = 0.5, buffer_size: int = 0,
+                 refresh_every: int = 10, refresh_size: int = 0,
+                 source: str | None = None) -> StateSampler:
+    """The StateSampler of an arm. Without DDIL: forward states only. With DDIL: a fraction
+    ``share`` of each batch from rollouts (``source``, default ``DDIL_SOURCE[method]``), the
+    rest forward; ``buffer_size`` > 0 reuses rollout states through DAgger's aggregation
+    buffer, rolling out ``refresh_size`` new ones every ``refresh_every`` steps."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if not ddil:
+        return StateSampler()
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"share={share} must be in (0, 1]")
+    source = source or DDIL_SOURCE[method]
+    allowed = ("beta_teacher_bckwrd", "beta_student_bckwrd", "beta_mixed")
+    if source not in allowed:
+        raise ValueError(f"source={source!r} is not one of {allowed}")
+    return StateSampler(beta_frwd=1.0 - share, **{source: share}, buffer_size=buffer_size,
+                        refresh_every=refresh_every, refresh_size=refresh_size)
+
+
+class ReflectedDMD2(DMD2):
+    """DMD2 whose student also *samples* with the thresholded x0 it is trained with.
+
+    Workaround: ``DMD2.losses`` clamps the generator's x0 (reflected=True), but
+    ``DMD2.student_policy`` samples (and rolls out for DDIL) with the raw x0. The clamp passes
+    no gradient outside the support, so raw outputs drift out of it unpenalised and appear at
+    inference (measured: 80-90% of guided samples outside [-1, 1]). Thresholding in the policy
+    makes training, DDIL rollouts and inference see the same student."""
+
+    def student_policy(self, student):
+        return ConsistencyPolicy(student, self.schedule, self.th)
+
+
+def make_arm(method: str, arm: str, n_steps: int = 4, method_kw: dict | None = None,
+             **sampler_kw) -> tuple[Method, StateSampler]:
+    """(Method, StateSampler) of one arm, e.g. ``make_arm("pd", "ddil+reflected")``.
+    ``method_kw`` overrides ``method_defaults``; ``sampler_kw`` go to ``make_sampler``.
+    Reflected DMD2 is ``ReflectedDMD2`` (it samples with the threshold it trains with)."""
+    if arm not in ARMS:
+        raise ValueError(f"arm={arm!r} is not one of {ARMS}")
+    kw = {**method_defaults(method, n_steps), **(method_kw or {})}
+    reflected = "reflected" in arm
+    if method == "dmd2" and reflected:
+        m = ReflectedDMD2(n_steps=n_steps, reflected=True, **kw)
+    else:
+        m = make_method(method, n_steps=n_steps, reflected=reflected, **kw)
+    return m, make_sampler(method, "ddil" in arm, **sampler_kw)
+
+
+# ---------------------------------------------------------------- seeds as one ensemble
+
+class NFECounter(dict):
+    """Rows passed through counted networks, by role. Deep copies share it (an EMA target
+    copied from the student keeps counting into the same counter)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class SeedEnsemble(nn.Module):
+    """M independent denoisers called as one: ``cond = {"m": member (B,), "c": the real
+    conditioning}`` routes each sample to its member. Summed per-sample losses give each
+    member exactly its own gradient, so one optimizer trains M students at once."""
+
+    def __init__(self, members: list[nn.Module], counter: NFECounter, role: str):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.counter, self.role = counter, role
+
+    def forward(self, x_t, t, cond):
+        self.counter[self.role] = self.counter.get(self.role, 0) + x_t.shape[0]
+        m, c = cond["m"], cond["c"]
+        if len(self.members) == 1:
+            return self.members[0](x_t, t, c)
+        order = torch.argsort(m, stable=True)
+        counts = torch.bincount(m, minlength=len(self.members)).tolist()
+        outs = [self.members[k](x_t[idx], t[idx], take_cond(c, idx))
+                for k, idx in enumerate(order.split(counts)) if len(idx)]
+        return torch.cat(outs)[torch.argsort(order)]  # back to the input order
+
+
+class _Teacher(nn.Module):
+    """The base backend's teacher, fed the real conditioning and counted."""
+
+    def __init__(self, teacher, counter: NFECounter):
+        super().__init__()
+        self.teacher, self.counter = teacher, counter
+
+    def forward(self, x_t, t, cond):
+        self.counter["teacher"] = self.counter.get("teacher", 0) + x_t.shape[0]
+        return self.teacher(x_t, t, cond["c"])
+
+
+class EnsembleBackend(Backend):
+    """A backend view that trains ``members`` students (and critics) as one ``SeedEnsemble``;
+    every conditioning it hands out is ``{"m": member, "c": base conditioning}``. With
+    members=1 it is the base backend plus network-evaluation counting."""
+
+    def __init__(self, base: Backend, members: int = 1):
+        if not isinstance(members, int) or members < 1:
+            raise ValueError(f"members={members!r} must be a positive int")
+        self.base, self.members = base, members
+        self.counter = NFECounter()
+        self.schedule, self.support, self.shape = base.schedule, base.support, base.shape
+        self.has_data = base.has_data
+        self.teacher = _Teacher(base.teacher, self.counter)
+
+    def _wrap(self, c, n):
+        return {"m": torch.arange(n) % self.members, "c": c}
+
+    def sample_data(self, n, generator=None):
+        x0, c = self.base.sample_data(n, generator)
+        return x0, self._wrap(c, n)
+
+    def sample_cond(self, n, generator=None):
+        return self._wrap(self.base.sample_cond(n, generator), n)
+
+    def sample_noise(self, n, generator=None):
+        return self.base.sample_noise(n, generator)
+
+    def make_student(self):
+        return SeedEnsemble([self.base.make_student() for _ in range(self.members)],
+                            self.counter, "student")
+
+    def make_critic(self):
+        return SeedEnsemble([self.base.make_critic() for _ in range(self.members)],
+                            self.counter, "critic")
+
+
+class MemberView:
+    """One trained student of an ensemble run: ``.sample(x_T, cond)`` samples it the way it
+    runs at inference (its method's policy on its grid), with the base conditioning."""
+
+    def __init__(self, method: Method, member: int, seed: int, run: dict):
+        self.method, self.member, self.seed, self.run = method, member, seed, run
+
+    @property
+    def grid(self) -> list[int]:
+        return self.method.grid.tolist()
+
+    def sample(self, x_T, cond=None) -> Trajectory:
+        m = torch.full((x_T.shape[0],), self.member, dtype=torch.long)
+        return self.method.sample(x_T, {"m": m, "c": cond})
+
+
+def train_arm(backend: Backend, method: str, arm: str, seeds=(0, 1, 2), steps: int = 300,
+              batch_size: int = 256, lr: float = 1e-3, n_steps: int = 4, ensemble: bool = True,
+              method_kw: dict | None = None, sampler_kw: dict | None = None,
+              grad_clip: float | None = None, progress: bool = False,
+              **distill_kw) -> list[MemberView]:
+    """Train one arm for every seed and return one ``MemberView`` per seed.
+
+    ensemble=True trains all seeds in one ``distill`` call (batch ``len(seeds) * batch_size``,
+    each member seeing its own ``batch_size`` states per step on average; seeds[0] seeds the
+    run); ensemble=False runs ``distill`` once per seed. Each view's ``run`` dict holds the
+    training wall and CPU seconds (of the whole call, shared by an ensemble's members), the
+    network evaluations per training sample (``nfe_teacher``, ``nfe_student``: student, EMA
+    target and critic), and the history. Buffer sizes in ``sampler_kw`` are per member.
+    ``grad_clip`` is off by default: clipping the joint gradient norm would couple the members,
+    while without it each member's AdamW update is the one it would get alone (Adam does not
+    see the 1/M scale of the ensemble's mean loss).
+    """
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    groups = [seeds] if ensemble else [[s] for s in seeds]
+    views = []
+    for group in groups:
+        M = len(group)
+        skw = dict(sampler_kw or {})
+        for k in ("buffer_size", "refresh_size"):
+            skw[k] = skw.get(k, 0) * M
+        m, sampler = make_arm(method, arm, n_steps, method_kw, **skw)
+        view = EnsembleBackend(backend, M)
+        wall, cpu = time.perf_counter(), time.process_time()
+        res = distill(view, m, sampler, steps=steps, batch_size=batch_size * M, lr=lr,
+                      grad_clip=grad_clip, seed=group[0], progress=progress, **distill_kw)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        per = steps * batch_size * M
+        run = {"wall_s": wall, "cpu_s": cpu, "members": M, "history": res.history,
+               "sampler": sampler,
+               "nfe_teacher": view.counter.get("teacher", 0) / per,
+               "nfe_student": (view.counter.get("student", 0)
+                               + view.counter.get("critic", 0)) / per}
+        views += [MemberView(res.method, k, s, run) for k, s in enumerate(group)]
+    return views
+
+
+# ---------------------------------------------------------------- reference and evaluation
+
+class TeacherSampler:
+    """The backend's teacher as a sampler with ``.sample(x_T, cond)``: DDIM on ``grid``,
+    walking the ``fine_steps`` grid inside each step (``fine_steps=None``: plain few-step
+    DDIM); ``threshold`` clamps its x0 (the reflected teacher)."""
+
+    def __init__(self, backend, grid, fine_steps: int | None = 32, threshold=NO_THRESHOLD):
+        self.backend, self.grid = backend, [int(t) for t in grid]
+        self.policy = DDIMPolicy(backend.teacher, backend.schedule, threshold, fine_steps)
+
+    def sample(self, x_T, cond=None) -> Trajectory:
+        return sample(self.policy, x_T, self.grid, cond, schedule=self.backend.schedule)
+
+
+@dataclass
+class Reference:
+    """The common evaluation set: students start from ``x_T`` with labels ``cond``; the
+    teacher's own trajectory (``teacher``, from independent noise, same labels) gives the
+    reference states at every student timestep and the reference samples; ``teacher2`` is a
+    second teacher draw (the noise floor of every distance)."""
+    grid: list[int]
+    x_T: torch.Tensor
+    cond: torch.Tensor | None
+    teacher: Trajectory
+    teacher2: Trajectory
+    hist: torch.Tensor = field(default=None)  # the teacher's mode histogram
+
+
+def make_reference(backend, n: int = 4000, n_steps: int = 4, seed: int = 1234,
+                   fine_steps: int = 32) -> Reference:
+    """Draw the evaluation noise and labels and the (guided) ``fine_steps``-step teacher's
+    trajectories along the ``n_steps`` student grid."""
+    g = torch.Generator().manual_seed(seed)
+    grid = timesteps(n_steps, backend.schedule.T).tolist()
+    cond = backend.sample_cond(n, g)
+    x_T = backend.sample_noise(n, g)
+    teach = TeacherSampler(backend, grid, fine_steps)
+    t1 = teach.sample(backend.sample_noise(n, g), cond)
+    t2 = teach.sample(backend.sample_noise(n, g), cond)
+    hist = torch.tensor(mode_stats(t1.sample, backend.gmm)["hist"], dtype=torch.float64)
+    return Reference(grid, x_T, cond, t1, t2, hist)
+
+
+def evaluate_trajectory(traj: Trajectory, backend, ref: Reference) -> dict:
+    """All metrics of one trajectory started from ``ref.x_T`` with labels ``ref.cond``:
+    sample quality (NLL under the true (conditional) mixture, MMD and sliced W1 to the teacher's
+    samples (x1e3), coverage, mode-weight TV to the teacher's histogram (``tv``) and to the true
+    weights (``tv_data``), off-mode fraction) and, at each grid timestep t, the covariate shift
+    ``shift_t{t}`` (nats) and the drift ``drift_t{t}`` (sliced W1 x1e3 to the teacher's states),
+    with their sums (``shift_sum`` sums |shift_t|: the shift is negative where states are more
+    concentrated than q_t, e.g. a mode-seeking student, positive where they sit off it)."""
+    gmm, S, c = backend.gmm, backend.schedule, ref.cond
+    x = traj.sample
+    ms = mode_stats(x, gmm)
+    hist = torch.tensor(ms["hist"], dtype=torch.float64)
+    out = {"nll": nll(x, gmm, label=c), "mmd_x1e3": 1e3 * mmd(x, ref.teacher.sample),
+           "sw_x1e3": 1e3 * state_distance(x, ref.teacher.sample, c, c, n_proj=SW_PROJECTIONS),
+           "coverage": ms["coverage"], "tv": float(0.5 * (hist - ref.hist).abs().sum()),
+           "tv_data": ms["tv"], "off_mode": ms["off_mode"], "hist": ms["hist"]}
+    for i, t in enumerate(ref.grid):
+        out[f"shift_t{t}"] = covariate_shift(traj.xs[i], t, gmm, S, label=c)
+        out[f"drift_t{t}"] = 1e3 * state_distance(traj.xs[i], ref.teacher.xs[i], c, c,
+                                                  n_proj=SW_PROJECTIONS)
+    out["shift_sum"] = sum(abs(out[f"shift_t{t}"]) for t in ref.grid)  # signed terms may cancel
+    out["drift_sum"] = sum(out[f"drift_t{t}"] for t in ref.grid)
+    return out
+
+
+@torch.no_grad()
+def evaluate_student(student, backend, ref: Reference) -> dict:
+    """Evaluate anything with ``.sample(x_T, cond) -> Trajectory`` on ``ref.grid`` (a Method,
+    a ``MemberView``, a ``TeacherSampler``) from the common noise: see ``evaluate_trajectory``.
+    A ``MemberView`` also contributes its training cost (``wall_s``, ``cpu_s``, ``nfe_*``)."""
+    grid = getattr(student, "grid", ref.grid)
+    grid = grid.tolist() if torch.is_tensor(grid) else list(grid)
+    if grid != ref.grid:
+        raise ValueError(f"student grid {grid} differs from the reference grid {ref.grid}")
+    out = evaluate_trajectory(student.sample(ref.x_T, ref.cond), backend, ref)
+    run = getattr(student, "run", None)
+    if run is not None:
+        out.update({k: run[k] for k in ("wall_s", "cpu_s", "nfe_teacher", "nfe_student")})
+    return out
+
+
+def reference_rows(backend, ref: Reference) -> dict[str, dict]:
+    """Metrics of the teacher itself on the same evaluation set: a second 32-step draw (the
+    noise floor), plain 4-step DDIM (what distillation must beat) and the reflected 32-step
+    teacher (what reflected arms are taught)."""
+    rows = {"teacher 32-step (2nd draw)": evaluate_trajectory(ref.teacher2, backend, ref),
+            f"teacher DDIM {len(ref.grid)}-step": evaluate_student(
+                TeacherSampler(backend, ref.grid, None), backend, ref)}
+    if backend.support:
+        rows["teacher 32-step reflected"] = evaluate_student(
+            TeacherSampler(backend, ref.grid, 32, backend.support), backend, ref)
+    return rows
+
+
+@torch.no_grad()
+def support_violations(backend, ref: Reference, seed: int = 0) -> dict:
+    """Where reflected distillation acts. At each student timestep t, the fraction of the
+    teacher's x0 estimates that the backend's support threshold would change, on the teacher's
+    own 32-step states (``outside_t{t}``) and on forward states x_t ~ q_t(x | c) with the same
+    labels (``outside_fwd_t{t}``, what forward-only training feeds it), and the mean |x0| of the
+    latter (``x0_abs_fwd_t{t}``; guided targets at forward states can be far off the data).
+    0 everywhere: reflection is a no-op for this teacher."""
+    g = torch.Generator().manual_seed(seed)
+    n = ref.x_T.shape[0]
+    x0_data = backend.gmm.sample(n, g, label=ref.cond)[0] if ref.cond is not None else \
+        backend.gmm.sample(n, g)[0]
+    out = {}
+    for i, t in enumerate(ref.grid):
+        tt = torch.full((n,), t, dtype=torch.long)
+        x_fwd = backend.schedule.q_sample(x0_data, tt, torch.randn(x0_data.shape, generator=g))
+        for key, x in (("outside", ref.teacher.xs[i]), ("outside_fwd", x_fwd)):
+            x0 = backend.teacher(x, tt, ref.cond)
+            out[f"{key}_t{t}"] = float((backend.support(x0) != x0).flatten(1).any(1).double().mean())
+        out[f"x0_abs_fwd_t{t}"] = float(x0.abs().mean())
+    return out
+
+
+def training_state_mismatch(run_view: MemberView, backend, ref: Reference,
+                            n: int = 4000) -> dict:
+    """``train_gap_t{t}``: sliced W1 (x1e3, class by class) at each grid timestep between the
+    states this arm *trains* on (its StateSampler's sources and priors, drawn fresh with the
+    trained student, at the inference grid) and the states the student visits at inference.
+    Forward-only training: the distance from q_t(x | c) samples; DDIL: from the forward/rollout
+    mix it trains on."""
+    method, k = run_view.method, run_view.member
+    base = run_view.run.get("sampler")
+    priors = dict(base.priors) if base is not None else {"beta_frwd": 1.0}
+    view = EnsembleBackend(backend, 1)
+    spec = method.spec()
+    spec.forward_t, spec.grids = method.grid, [method.grid]  # compare on the inference grid
+    sampler = StateSampler(**priors)
+    student = _Member(method.student, k)
+    traj = run_view.sample(ref.x_T, ref.cond)
+    out = {}
+    states = sampler.sample(view, spec, student, n * len(ref.grid))
+    for i, t in enumerate(ref.grid):
+        sel = states.t == t
+        c_tr = states.cond["c"][sel] if states.cond["c"] is not None else None
+        if int(sel.sum()) < 2:
+            continue
+        out[f"train_gap_t{t}"] = 1e3 * _class_distance(states.x_t[sel], c_tr, traj.xs[i], ref.cond)
+    return out
+
+
+def _class_distance(a, ca, b, cb):
+    """state_distance with possibly different label sets; classes missing from a are skipped."""
+    if ca is None:
+        return state_distance(a, b, n_proj=SW_PROJECTIONS)
+    total, w = 0.0, 0.0
+    for c in torch.unique(cb):
+        ia, ib = ca == c, cb == c
+        if ia.sum() < 2 or ib.sum() < 2:
+            continue
+        p = float(ib.double().mean())
+        total, w = total + p * state_distance(a[ia], b[ib], n_proj=SW_PROJECTIONS), w + p
+    return total / max(w, 1e-12)
+
+
+class _Member(nn.Module):
+    """A trained ensemble student seen as a single-member network (for fresh rollouts)."""
+
+    def __init__(self, student, member: int):
+        super().__init__()
+        self.student, self.member = student, member
+
+    def forward(self, x_t, t, cond):
+        m = torch.full((x_t.shape[0],), self.member, dtype=torch.long)
+        return self.student(x_t, t, {"m": m, "c": cond["c"]})
+
+
+# ---------------------------------------------------------------- one setting, all arms
+
+@dataclass
+class SettingResult:
+    """Everything one setting of the table produced: per-seed metric rows (teacher reference
+    rows have method "teacher"), the reference, seed 0's samples per arm, per-step shift and
+    drift per arm (lists over seeds), and mode histograms per arm (lists over seeds)."""
+    setting: str
+    backend: Backend
+    ref: Reference
+    rows: list = field(default_factory=list)
+    samples: dict = field(default_factory=dict)
+    per_step: dict = field(default_factory=dict)
+    hists: dict = field(default_factory=dict)
+
+
+def run_setting(backend, setting: str = "", methods=METHODS, arms=ARMS, seeds=(0, 1, 2),
+                steps: int = 300, batch_size: int = 256, lr: float = 1e-3, n_steps: int = 4,
+                n_eval: int = 4000, ensemble: bool = True, method_kw: dict | None = None,
+                sampler_kw: dict | None = None, train_gap: bool = False,
+                progress: bool = True, **distill_kw) -> SettingResult:
+    """Train and evaluate every (method, arm) of one setting on a common reference.
+
+    ``method_kw`` maps a method name to its keyword overrides (e.g. {"dmd2": {"critic_steps":
+    5}}); ``sampler_kw`` goes to ``make_sampler`` (buffer sizes per seed); ``train_gap`` adds
+    ``training_state_mismatch`` to each row. Other keywords go to ``distill``.
+    """
+    from tqdm.auto import tqdm
+
+    for key, vals, allowed in (("methods", methods, METHODS), ("arms", arms, ARMS)):
+        bad = [v for v in vals if v not in allowed]
+        if bad or not vals:
+            raise ValueError(f"{key}={list(vals)!r}: each must be one of {allowed}")
+    ref = make_reference(backend, n_eval, n_steps)
+    res = SettingResult(setting, backend, ref)
+    for name, r in reference_rows(backend, ref).items():
+        res.rows.append({"setting": setting, "method": "teacher", "arm": name, "seed": "", **r})
+    res.samples["teacher 32-step"] = ref.teacher.sample
+    bar = tqdm([(m, a) for m in methods for a in arms], desc=setting or "arms",
+               disable=not progress)
+    for method, arm in bar:
+        bar.set_postfix_str(f"{method} {arm}")
+        views = train_arm(backend, method, arm, seeds, steps, batch_size, lr, n_steps, ensemble,
+                          method_kw=(method_kw or {}).get(method), sampler_kw=sampler_kw,
+                          **distill_kw)
+        evals = []
+        for v in views:
+            e = evaluate_student(v, backend, ref)
+            if train_gap:
+                e.update(training_state_mismatch(v, backend, ref, n=min(n_eval, 2000)))
+            evals.append(e)
+            res.rows.append({"setting": setting, "method": method, "arm": arm, "seed": v.seed,
+                             **e})
+        res.samples[f"{method} {arm}"] = views[0].sample(ref.x_T, ref.cond).sample
+        res.per_step[(method, arm)] = {k: [[e[f"{k}_t{t}"] for t in ref.grid] for e in evals]
+                                       for k in ("shift", "drift")}
+        res.hists[(method, arm)] = [e["hist"] for e in evals]
+    return res
+
+
+def save_figures(res: SettingResult, out: str, tag: str | None = None) -> list[str]:
+    """Write ``samples_<tag>.png`` (seed 0 per arm, coloured by class),
+    ``steps_<tag>.png`` (covariate shift and drift per student timestep, mean +- std over
+    seeds, the teacher's second draw dashed) and ``modes_<tag>.png`` (mode histograms, the
+    teacher's as ticks) under ``out``; returns the paths."""
+    import os
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import plots
+
+    tag = tag or res.setting or "setting"
+    os.makedirs(out, exist_ok=True)
+    ref, gmm = res.ref, res.backend.gmm
+    methods = list(dict.fromkeys(m for m, _ in res.per_step))
+    n_arms = len({a for _, a in res.per_step})
+    paths = [os.path.join(out, f"{k}_{tag}.png") for k in ("samples", "steps", "modes")]
+
+    panels = []  # one row per method: the teacher, then the arms
+    for m in methods:
+        panels.append(("teacher 32-step", res.samples["teacher 32-step"]))
+        panels += [(k, x) for k, x in res.samples.items() if k.startswith(m + " ")]
+    fig = plots.sample_grid(panels, gmm, labels=ref.cond, ncols=n_arms + 1,
+                            suptitle=f"{tag}: samples of seed 0 (colour: class)")
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    floor = evaluate_trajectory(ref.teacher2, res.backend, ref)
+    fig, axs = plt.subplots(2, len(methods), figsize=(3.8 * len(methods), 6.2), squeeze=False)
+    for j, m in enumerate(methods):
+        for i, (key, ylabel) in enumerate((("shift", "covariate shift vs q_t (nats)"),
+                                           ("drift", "drift to teacher states (SW x1e3)"))):
+            curves = {a: v[key] for (mm, a), v in res.per_step.items() if mm == m}
+            plots.step_curves(axs[i, j], ref.grid, curves, ylabel, title=f"{m} ({tag})",
+                              reference={"teacher, 2nd draw": [floor[f"{key}_t{t}"]
+                                                               for t in ref.grid]})
+    axs[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+
+    fig, axs = plt.subplots(1, len(methods), figsize=(4.4 * len(methods), 3.1), squeeze=False)
+    for j, m in enumerate(methods):
+        plots.mode_histogram(axs[0, j], {a: h for (mm, a), h in res.hists.items() if mm == m},
+                             weights=ref.hist, title=f"{m} ({tag}); ticks: teacher")
+    axs[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------- aggregation
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value), ignoring NaNs."""
+    v = [float(x) for x in values if not math.isnan(float(x))]
+    if not v:
+        return math.nan, math.nan
+    mu = sum(v) / len(v)
+    sd = math.sqrt(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return mu, sd
+
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262, 10: 2.228}  # two-sided 95% Student t quantiles by degrees of freedom
+
+
+def paired_deltas(rows: list[dict], keys, base_arm: str = "baseline") -> list[dict]:
+    """Per (setting, method, arm != base_arm): the mean over seeds of arm - base_arm (paired by
+    seed: same training seed, same evaluation noise), ``key_ci`` the half-width of its 95%
+    Student-t interval, and ``key_sig`` True where that interval excludes 0."""
+    index = {(r["setting"], r["method"], r["arm"], str(r["seed"])): r for r in rows
+             if r["method"] != "teacher"}
+    out = []
+    for setting, method, arm in dict.fromkeys((k[0], k[1], k[2]) for k in index):
+        if arm == base_arm:
+            continue
+        pairs = [(r, index.get((setting, method, base_arm, seed)))
+                 for (s_, m_, a_, seed), r in index.items() if (s_, m_, a_) == (setting, method, arm)]
+        pairs = [(a, b) for a, b in pairs if b is not None]
+        if not pairs:
+            continue
+        d = {"setting": setting, "method": method, "arm": arm, "seeds": len(pairs)}
+        for k in keys:
+            mu, sd = mean_std(float(a[k]) - float(b[k]) for a, b in pairs)
+            ci = T95.get(len(pairs) - 1, 1.96) * sd / math.sqrt(len(pairs)) if len(pairs) > 1 \
+                else math.nan
+            d[k], d[f"{k}_ci"], d[f"{k}_sig"] = mu, ci, bool(not math.isnan(ci) and abs(mu) > ci)
+        out.append(d)
+    return out
+
+
+def summarise(rows: list[dict], keys, by=("setting", "method", "arm")) -> list[dict]:
+    """Group per-seed rows by ``by`` and give ``key`` and ``key_std`` for every key."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[b] for b in by), []).append(r)
+    out = []
+    for gk, rs in groups.items():
+        s = dict(zip(by, gk))
+        s["seeds"] = len(rs)
+        for k in keys:
+            s[k], s[f"{k}_std"] = mean_std(r.get(k, math.nan) for r in rs)
+        out.append(s)
+    return out
+
+
+__all__ = [
+    "ARMS",
+    "DDIL_SOURCE",
+    "METHODS",
+    "SETTINGS",
+    "EnsembleBackend",
+    "MemberView",
+    "Reference",
+    "ReflectedDMD2",
+    "SeedEnsemble",
+    "SettingResult",
+    "TeacherSampler",
+    "evaluate_student",
+    "evaluate_trajectory",
+    "make_arm",
+    "make_backend",
+    "make_reference",
+    "make_sampler",
+    "mean_std",
+    "method_defaults",
+    "paired_deltas",
+    "reference_rows",
+    "run_setting",
+    "save_figures",
+    "summarise",
+    "support_violations",
+    "train_arm",
+    "training_state_mismatch",
+]

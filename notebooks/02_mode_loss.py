@@ -1,0 +1,142 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Mode loss along the backward trajectory
+#
+# Covariate shift is not the only way a few-step student goes wrong. The paper (Sec. 3.3,
+# "Mode seeking") points at a second one: **diversity can be lost at an intermediate step**
+# of the backward trajectory, and once lost it cannot come back, like particles discarded
+# in sequential Monte Carlo. Distribution-matching objectives such as DMD2's are
+# mode-seeking (reverse KL), and DMD2 trains only on its own backward trajectories
+# ("backward simulation"), which are agnostic to the data; DDIL keeps forward states of
+# the data in the mix to *preserve the marginal data distribution*.
+#
+# How do we see which modes are still reachable at step $t$? On the exact toy tier we can
+# ask the teacher: **continue every state $x_t$ with the teacher** (DDIM on the 32-step
+# grid down to $t=-1$) and record which mode it lands in. The histogram of those modes per
+# step shows where a policy's trajectory stops reaching a mode. The teacher's own
+# trajectory keeps every mode at its weight at every step; a student's states may not.
+#
+# We compare the teacher, a PD student, an LCM student and a DMD2 student, each with and
+# without DDIL, on a mixture with unequal mode weights (small modes are the first to go).
+
+# %% tags=["parameters"]
+out_dir: str = "runs/notebooks/02_mode_loss"  # figures and metrics.json go here
+setting: str = "imbalanced"  # toy setting: imbalanced, ring8, grid25 or guided
+n_steps: int = 4  # student inference steps
+steps: int = 300  # gradient steps per student
+batch_size: int = 256  # training states per step and seed
+lr: float = 1e-3  # AdamW learning rate
+ddil_share: float = 0.5  # DDIL: fraction of each batch from rollouts
+pd_substeps: int = 4  # PD: teacher DDIM steps per student step
+critic_steps: int = 5  # DMD2: fake-critic updates per generator update
+dmd2_arms: list = ["backward", "ddil"]  # DMD2 arms: backward (its own rollouts only), ddil, baseline (forward only)
+seeds: list = [0, 1]  # seeds of each arm (trained together as one ensemble)
+n_eval: int = 2000  # trajectories drawn per policy
+fine_steps: int = 32  # teacher steps used to continue a state to a sample
+init_steps: int = 1000  # training steps of the MLP denoiser the students start from
+widgets: bool = True  # show controls under the static figures (in a widget-enabled frontend)
+
+# %%
+from IPython.display import Markdown, display
+
+from ddil_lab import teach
+from ddil_lab import teach_plots as tp
+from ddil_lab.toy_experiments import make_backend
+
+teach.setup(threads=1, seed=seeds[0])
+rec = teach.Recorder(out_dir)
+plan = {"pd": ["baseline", "ddil"], "lcm": ["baseline", "ddil"], "dmd2": dmd2_arms}
+method_kw = {"pd": {"substeps": pd_substeps}, "dmd2": {"critic_steps": critic_steps}}
+
+# %% [markdown]
+# ## 1. Train the students
+#
+# PD and LCM: *baseline* trains on forward states only; *ddil* puts half of each batch on
+# rollouts (PD: mixed teacher/student rollouts; LCM: the student's own 3/4/5-step
+# trajectories, as in the paper). DMD2: *backward* is DMD2's own backward simulation (all
+# states from the student's rollouts), *ddil* half forward, half mixed rollouts.
+
+# %%
+backend = make_backend(setting, init_steps=init_steps)
+students = teach.train_methods(backend, plan, method_kw, sampler_kw={"share": ddil_share},
+                               seeds=seeds, steps=steps, batch_size=batch_size, lr=lr,
+                               n_steps=n_steps)
+study = teach.mode_study(backend, students, n_eval=n_eval, n_steps=n_steps,
+                         fine_steps=fine_steps)
+rec.figure("samples", tp.sample_panels({k: t.sample for k, t in study.trajs.items()}, backend,
+                                       study.cond, ncols=5))
+
+# %% [markdown]
+# ## 2. Which modes are still reachable, step by step
+#
+# Rows: the steps of each policy's trajectory, from $x_T$ (top) to its samples (bottom).
+# Columns: the modes the teacher reaches from those states (and off-mode). A policy that
+# keeps diversity keeps every column at the teacher's weight all the way down; a column that
+# fades at some row is a mode lost at that step.
+
+# %%
+rec.figure("reachable_modes", tp.reachable_heatmaps(study))
+
+# %%
+rec.figure("effective_modes", tp.effective_modes(study))
+
+# %%
+rec.figure("final_modes", tp.final_mode_bars(study))
+
+# %% [markdown]
+# ## 3. Where each state leads
+#
+# Pick a policy and a step: the states there, coloured by the mode the teacher reaches from
+# them. Early states of a diverse policy are a patchwork of all colours in the teacher's
+# proportions; a mode-seeking policy's states already lean towards a few colours.
+
+# %%
+names = list(study.trajs)
+first = next((n for n in names if n.startswith("dmd2")), names[-1])
+teach.explore(tp.reach_map, {"name": names, "step": (0, n_steps, 1)},
+              {"name": first, "step": 1}, rec, "reach_map", widgets, study=study)
+
+# %%
+keys = ["mmd_x1e3", "nll", "tv", "off_mode", "effective_modes_min", "effective_modes_final",
+        "tv_first_step"]
+rows = {k: teach.seed_lists(v) for k, v in study.rows.items()}
+display(Markdown(teach.markdown_table(rows, keys)))
+for method, arms in plan.items():
+    if len(arms) > 1:
+        a, b = f"{method} {arms[0]}", f"{method} {arms[1]}"
+        print(teach.verdict(study.rows, a, b, "tv"))
+        print(teach.verdict(study.rows, a, b, "mmd_x1e3"))
+rec.log("modes", {k: teach.seed_mean(v) for k, v in study.rows.items()})
+rec.log("effective_modes", {k: dict(enumerate(s["effective_modes"]))
+                            for k, s in study.summary.items()})
+print("metrics and figures in", rec.save())
+
+# %% [markdown]
+# ## What to read, and what to try
+#
+# - All policies start from the same noise $x_T$, so at $t=999$ they reach the same modes;
+#   rows below show where they part. The teacher's row stays at its own samples' weights.
+# - `effective_modes` is $\exp$ of the entropy of the reachable-mode histogram: the number
+#   of equally likely modes it is worth (the teacher's is the target, not the maximum: more
+#   means flatter weights, fewer means weights piled on the large modes). A dip at an
+#   intermediate step that recovers at the end is a trajectory that leans on the large modes
+#   mid-way and spreads again in its last step. `tv` is the total variation to the teacher's
+#   mode weights (samples from the same noise); `tv_first_step` measures it at the first step
+#   after $x_T$.
+# - The verdict lines compare each method with and without DDIL, in standard errors over
+#   the seeds; at this budget and on this toy, read them before any story.
+# - Try: `critic_steps=1` (a fake critic that lags makes DMD2 more mode-seeking); more
+#   `steps`; `dmd2_arms=["baseline", "backward", "ddil"]`; `setting="guided"` (guidance is
+#   itself mode-seeking); `n_steps=2`.

@@ -1,0 +1,150 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · PD, LCM and DMD2, with and without DDIL and reflected distillation
+#
+# DDIL separates two choices that every distillation method makes (paper, Sec. 4.1):
+# **the feedback** (the loss: progressive distillation, consistency distillation as in
+# LCM, or DMD2's distribution matching) and **the training distribution** (which states
+# $x_t$ the student is trained on). DDIL changes only the second: it draws states from
+# forward diffusion of the data (prior $\beta_\text{frwd}$), teacher rollouts
+# ($\beta_\text{teacher\_bckwrd}$), student rollouts ($\beta_\text{student\_bckwrd}$) and
+# mixed teacher/student rollouts (DAgger), and applies the method's own loss to all of them
+# (Algorithm 1). Reflected distillation additionally clamps $\hat x_0$ to the data support.
+#
+# Part 1 runs the **toy table**, the toy counterpart of the paper's Tables 2 and 3: each
+# method as baseline, +DDIL, +reflected and +DDIL+reflected with the same budget, evaluated
+# against the exact teacher (`experiments/toy_table.py`; the quick setting by default).
+# Part 2 opens the StateSampler: **where the training states come from, as training
+# proceeds**, coloured by source.
+
+# %% tags=["parameters"]
+out_dir: str = "runs/notebooks/03_ddil_methods"  # figures and metrics.json go here
+table_quick: bool = True  # start from the toy table's quick setting (False: its full default run, ~15 min)
+table_overrides: dict = {"settings": ["guided"], "steps": 200, "seeds": [0, 1], "init_steps": 1000}  # toy_table.DEFAULTS keys applied on top
+setting: str = "guided"  # toy setting of the sources run: guided, ring8, grid25 or imbalanced
+method: str = "pd"  # method of the sources run: pd, lcm or dmd2
+beta_frwd: float = 0.4  # prior on forward-diffused data states
+beta_teacher_bckwrd: float = 0.2  # prior on teacher-rollout states
+beta_student_bckwrd: float = 0.2  # prior on student-rollout states
+beta_mixed: float = 0.2  # prior on mixed teacher/student rollout states
+p_student: float = 0.5  # in a mixed rollout, the probability that the student takes a step
+ramp_steps: int = 150  # student-selection prior: forward only at first, the priors above after this many steps (0: constant)
+steps: int = 300  # gradient steps of the sources run
+batch_size: int = 256  # training states per step
+lr: float = 1e-3  # AdamW learning rate
+snapshot_every: int = 50  # steps between snapshots of the training states
+n_snapshot: int = 1000  # states drawn per snapshot
+init_steps: int = 1000  # training steps of the MLP denoiser the students start from
+seed: int = 0  # seed of the sources run
+widgets: bool = True  # show controls under the static figures (in a widget-enabled frontend)
+
+# %%
+import os
+
+from IPython.display import Markdown, display
+
+from ddil_lab import teach
+from ddil_lab import teach_plots as tp
+from ddil_lab.toy_experiments import make_backend
+
+teach.setup(threads=1, seed=seed)
+rec = teach.Recorder(out_dir)
+priors = {"beta_frwd": beta_frwd, "beta_teacher_bckwrd": beta_teacher_bckwrd,
+          "beta_student_bckwrd": beta_student_bckwrd, "beta_mixed": beta_mixed}
+
+# %% [markdown]
+# ## 1. The toy table
+#
+# Every arm of a setting trains with the same gradient steps, batch and learning rate and
+# is evaluated from the same noise and labels. Columns: NLL under the true mixture, MMD and
+# sliced W1 to the 32-step teacher's samples (x1000), mode coverage, mode-weight TV,
+# off-mode fraction, the summed covariate shift (nats vs $q_t(x\mid c)$) and the summed
+# drift from the teacher's states. With the quick setting the budget is tiny: read the
+# table as a demonstration of the pipeline, and the committed full run in the README for
+# results.
+
+# %%
+table = teach.run_toy_table(os.path.join(out_dir, "toy_table"), table_quick, **table_overrides)
+display(Markdown(table["markdown"]))
+
+# %%
+for path in table["files"]:
+    if path.endswith(".png"):
+        rec.image("table_" + os.path.basename(path)[:-4], path)
+
+# %%
+rec.log("table", teach.table_metrics(table["summary"]))
+
+# %% [markdown]
+# ## 2. Where the training states come from
+#
+# One student, trained on all four sources with the priors above and the paper's
+# *student-selection* schedule: early on the student is poor, so states come from the data;
+# over `ramp_steps` the priors move to the chosen mix. Each row is a snapshot of the
+# training states at a training step, each column a student timestep; colour is the
+# source: forward (blue), teacher rollouts (green), student rollouts (red), mixed (orange).
+
+# %%
+backend = make_backend(setting, init_steps=init_steps)
+result, snaps = teach.sources_run(backend, method, priors, p_student, ramp_steps, steps,
+                                  batch_size, lr, n_snapshot=n_snapshot,
+                                  snapshot_every=snapshot_every, seed=seed)
+rec.figure("sources_over_training", tp.sources_over_training(snaps, backend,
+                                                             result.method.grid.tolist()))
+
+# %%
+rec.figure("source_fractions", tp.source_fractions(snaps))
+
+# %% [markdown]
+# The loss the student sees on each kind of state (`source/<name>` in the training
+# history). Forward states are not the states it meets when it samples; the rollout
+# sources are.
+
+# %%
+rec.figure("source_losses", tp.source_losses(result))
+
+# %% [markdown]
+# ## 3. Play with the priors
+#
+# What the StateSampler would feed this trained student with other priors (normalised to
+# sum to one) and another mixed-rollout probability. With `p_student = 0` a mixed rollout
+# is the teacher's, with 1 the student's.
+
+# %%
+teach.explore(tp.source_preview, {"beta_frwd": (0.0, 1.0, 0.05),
+                                  "beta_teacher_bckwrd": (0.0, 1.0, 0.05),
+                                  "beta_student_bckwrd": (0.0, 1.0, 0.05),
+                                  "beta_mixed": (0.0, 1.0, 0.05), "p_student": (0.0, 1.0, 0.05)},
+              {**priors, "p_student": p_student}, rec, "source_preview", widgets, run=result,
+              backend=backend)
+
+# %%
+fractions = snaps.source_fractions()
+rec.log("sources_final", {s: v[-1] for s, v in fractions.items()})
+rec.log("source_loss_final", {s: v[1][-1] for s, v in teach.source_loss_curves(result).items()})
+print("metrics and figures in", rec.save())
+
+# %% [markdown]
+# ## What to read, and what to try
+#
+# - In the table, compare each method's arms against the seeds' spread (mean ± std); the
+#   teacher rows give the noise floor (a second teacher draw) and what plain 4-step DDIM of
+#   the teacher achieves.
+# - In the snapshots, forward states fill $q_t$ evenly while rollout states follow the
+#   sampler; under guidance they sit where the guided sampler goes.
+# - Try: `table_quick=False, table_overrides={}` for the full table (about 15 minutes);
+#   `table_overrides={"settings": ["ring8"], "steps": 300}`; `method="dmd2"`;
+#   `beta_frwd=0` (no data: the data-free setting, teacher rollouts stand in for the data);
+#   `ramp_steps=0`; `p_student=1`.

@@ -1,0 +1,485 @@
+"""The image tier against oracles: diffusers' DDIM loop with the UNet, closed-form Frechet
+distances, CIFAR-10 files written here in CIFAR's own format, exact resumption, and
+fail-fast errors offline."""
+import hashlib
+import importlib.util
+import json
+import math
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from ddil_lab import hub
+from ddil_lab.backends.image import (ImageBackend, UNet, load_cifar10, load_digits,
+                                     load_teacher, read_teacher_config, train_teacher)
+from ddil_lab.denoiser import CFG, PredEps, PredV, wrap
+from ddil_lab.diffusion import Schedule
+from ddil_lab.metrics import image as im
+from ddil_lab.sampling import Trajectory, sample
+
+TINY_NET = dict(channels=(8, 16), layers_per_block=1, attention=(False, True), norm_groups=4)
+LINEAR = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+def tiny_unet(num_classes=10, size=16, channels=1, seed=0):
+    torch.manual_seed(seed)
+    net = UNet(size, channels, num_classes, **TINY_NET)
+    with torch.no_grad():  # make the random network's output large enough to matter
+        net.unet.conv_out.weight.mul_(3)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+# ---- data ----
+def test_digits_offline_set(digits):
+    assert digits.shape == (1, 16, 16) and len(digits) == 1797 and digits.num_classes == 10
+    x, y = digits.get(torch.arange(len(digits)))
+    assert x.min() >= -1 and x.max() <= 1 and x.min() == -1  # background is -1
+    torch.testing.assert_close(digits.class_weights.sum().item(), 1.0)
+    assert (digits.class_weights - 0.1).abs().max() < 0.01  # about balanced
+    a = digits.sample(8, torch.Generator().manual_seed(0))
+    b = digits.sample(8, torch.Generator().manual_seed(0))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    tr, te = digits.split(0.9)
+    assert len(tr) + len(te) == len(digits) and len(set(tr.labels.tolist())) == 10
+    from sklearn.datasets import load_digits as sk_digits
+    raw = torch.tensor(sk_digits().images, dtype=torch.float32)[:, None]  # (1797, 1, 8, 8), 0..16
+    torch.testing.assert_close(load_digits(size=8).images, raw / 8 - 1)  # only rescaled
+    torch.testing.assert_close(torch.nn.functional.avg_pool2d(x, 2).mean(), (raw / 8 - 1).mean(),
+                               atol=0.02, rtol=0)  # upsampling keeps the mean intensity
+
+
+def _write_cifar(root, n_per_batch=3):
+    """Write a tiny data set in CIFAR-10's on-disk format (python pickles of uint8 rows in
+    R, G, B planes) and return its images (N, 3, 32, 32), labels and the checksums."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    md5, images, labels = {}, {}, {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, (n_per_batch, 3, 32, 32), dtype=np.uint8)
+        y = rng.integers(0, 10, n_per_batch).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": x.reshape(n_per_batch, 3072), "labels": y,
+                         "batch_label": name}, f)
+        images[name], labels[name] = x, y
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names, "num_cases_per_batch": n_per_batch}, f)
+    for p in folder.iterdir():
+        md5[p.name] = hashlib.md5(p.read_bytes()).hexdigest()
+    return images, labels, md5, names
+
+
+@pytest.fixture
+def cifar_root(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    images, labels, md5, names = _write_cifar(tmp_path)
+    # The files are CIFAR-10's format; only their checksums differ from the real data set's.
+    monkeypatch.setattr(CIFAR10, "train_list", [[f, md5[f]] for f, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", dict(CIFAR10.meta, md5=md5["batches.meta"]))
+    return tmp_path, images, labels, names
+
+
+def test_cifar10_loader_reads_files_written_in_cifar_format(cifar_root):
+    root, images, labels, names = cifar_root
+    data = load_cifar10(root, download=False)
+    assert data.shape == (3, 32, 32) and len(data) == 15 and data.images.dtype == torch.uint8
+    want = np.concatenate([images[f"data_batch_{i}"] for i in range(1, 6)])
+    assert torch.equal(data.images, torch.from_numpy(want))  # channel planes in the right place
+    assert data.labels.tolist() == sum((labels[f"data_batch_{i}"] for i in range(1, 6)), [])
+    assert data.class_names == names and data.hflip
+    x, y = data.get(torch.tensor([4]))
+    torch.testing.assert_close(x[0], torch.from_numpy(want[4]).float() / 127.5 - 1)
+    test = load_cifar10(root, train=False, download=False)
+    assert torch.equal(test.images, torch.from_numpy(images["test_batch"]))
+    # and the backend on it: data in [-1, 1], labels as conditioning
+    be = ImageBackend("cifar10", teacher=wrap(tiny_unet(10, 32, 3), Schedule("linear"), "v"),
+                      root=root, download=False)
+    x0, c = be.sample_data(6, torch.Generator().manual_seed(0))
+    assert x0.shape == (6, 3, 32, 32) and c.shape == (6,) and x0.abs().max() <= 1
+    assert be.sample_noise(2).shape == (2, 3, 32, 32)
+
+
+def test_cifar10_missing_files_fail_fast(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="data_batch_1.*download=True"):
+        load_cifar10(tmp_path, download=False)
+    monkeypatch.setattr(hub, "host_reachable", lambda host, **kw: False)
+    t0 = time.time()
+    with pytest.raises(hub.OfflineError, match="CIFAR-10.*www.cs.toronto.edu is unreachable"):
+        load_cifar10(tmp_path)
+    assert time.time() - t0 < 5
+    with pytest.raises(ValueError, match="needs root"):
+        ImageBackend("cifar10", teacher=wrap(tiny_unet(), Schedule("linear"), "v"))
+
+
+def test_cifar10_corrupted_files_name_the_folder(cifar_root, monkeypatch):
+    root, *_ = cifar_root
+    (root / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"not cifar")
+    with pytest.raises(RuntimeError, match="cifar-10-batches-py failed torchvision's check"):
+        load_cifar10(root, download=False)
+
+
+# ---- the UNet teacher through our adapters == diffusers' DDIM loop ----
+@pytest.mark.parametrize("prediction,dpred", [("eps", "epsilon"), ("v", "v_prediction")])
+def test_unet_adapters_reproduce_diffusers_ddim(prediction, dpred):
+    net = tiny_unet()
+    S = Schedule("linear")
+    sch = DDIMScheduler(**LINEAR, set_alpha_to_one=True, clip_sample=False,
+                        timestep_spacing="trailing", prediction_type=dpred)
+    sch.set_timesteps(5)
+    g = torch.Generator().manual_seed(0)
+    x_T, c = torch.randn(4, 1, 16, 16, generator=g), torch.tensor([0, 3, -1, 9])
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in sch.timesteps:
+            x = sch.step(net.unet(x, t, class_labels=torch.tensor([0, 3, 10, 9])).sample,
+                         t, x).prev_sample
+    ours = sample(wrap(net, S, prediction), x_T, sch.timesteps.tolist(), c, schedule=S).sample
+    assert x.abs().max() > 0.5  # the comparison is not trivially small
+    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+
+
+def test_guided_teacher_is_eps_space_cfg(digits):
+    """ImageBackend(guidance=w).teacher under DDIM == diffusers' loop with
+    eps_u + w (eps_c - eps_u), the unconditional input being the learned null class."""
+    net, S, w = tiny_unet(), Schedule("linear"), 3.0
+    be = ImageBackend(digits, PredEps(net, S), guidance=w)
+    assert isinstance(be.teacher, CFG)
+    sch = DDIMScheduler(**LINEAR, set_alpha_to_one=True, clip_sample=False,
+                        timestep_spacing="trailing")
+    sch.set_timesteps(4)
+    x_T = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    c = torch.tensor([1, 5, 7])
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in sch.timesteps:
+            e_c = net.unet(x, t, class_labels=c).sample
+            e_u = net.unet(x, t, class_labels=torch.full((3,), 10)).sample
+            x = sch.step(e_u + w * (e_c - e_u), t, x).prev_sample
+    ours = sample(be.teacher, x_T, sch.timesteps.tolist(), c, schedule=S).sample
+    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+
+
+def test_backend_contract(digits):
+    S = Schedule("linear")
+    be = ImageBackend(digits, PredV(tiny_unet(), S))
+    assert be.shape == (1, 16, 16) and be.has_data and be.conditional
+    assert be.support.mode == "static" and (be.support.lo, be.support.hi) == (-1.0, 1.0)
+    assert all(not p.requires_grad for p in be.teacher.parameters())
+    g = torch.Generator().manual_seed(0)
+    x0, c = be.sample_data(64, g)
+    assert x0.shape == (64, 1, 16, 16) and c.dtype == torch.long and 0 <= c.min() <= c.max() < 10
+    cond = be.sample_cond(20000, g)
+    freq = torch.bincount(cond, minlength=10).double() / 20000
+    assert (freq - digits.class_weights).abs().max() < 0.015
+    # the student starts as the teacher but is its own trainable copy
+    st, critic = be.make_student(), be.make_critic()
+    x_t, t = torch.randn(4, 1, 16, 16), torch.tensor([999, 600, 300, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(st(x_t, t, c[:4]), be.teacher(x_t, t, c[:4]))
+    assert all(p.requires_grad for p in st.parameters()) and isinstance(st, PredV)
+    with torch.no_grad():
+        next(st.parameters()).add_(1.0)
+    assert not torch.equal(next(st.parameters()), next(be.teacher.parameters()))
+    assert next(critic.parameters()) is not next(st.parameters())
+    assert st.net.features(x_t, t, c[:4]).shape[0] == 4  # for DMD2's GAN head
+    # unconditional view of the same teacher: cond None everywhere
+    un = ImageBackend(digits, PredV(tiny_unet(), S), conditional=False)
+    assert un.sample_data(3)[1] is None and un.sample_cond(3) is None
+    with pytest.raises(ValueError, match="guidance=2.0 needs conditional=True"):
+        ImageBackend(digits, PredV(tiny_unet(), S), guidance=2.0, conditional=False)
+    with pytest.raises(ValueError, match="data='mnist' is not one of"):
+        ImageBackend("mnist", PredV(tiny_unet(), S))
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    be.plot_samples(x0[:9], ax)
+    plt.close(fig)
+
+
+def test_distill_api_runs_on_the_image_backend(digits):
+    """The same distill(...) as every tier: PD with DDIL's mixed rollouts, and DMD2 with the
+    optional GAN head on the critic UNet's mid-block features."""
+    from ddil_lab.distill import DMD2, PD
+    from ddil_lab.rollout import StateSampler
+    from ddil_lab.train import distill
+
+    be = ImageBackend(digits, PredV(tiny_unet(), Schedule()))
+    res = distill(be, PD(n_steps=4, substeps=2), StateSampler(beta_frwd=0.5, beta_mixed=0.5),
+                  steps=2, batch_size=8, progress=False)
+    assert all(math.isfinite(h["loss/student"]) for h in res.history)
+    x_t, t = torch.randn(2, 1, 16, 16), torch.tensor([999, 500])
+    with torch.no_grad():
+        assert not torch.equal(res.student(x_t, t, None), be.teacher(x_t, t, None))
+    res = distill(be, DMD2(n_steps=4, critic_steps=1, gan_weight=0.1),
+                  StateSampler(beta_frwd=0.5, beta_mixed=0.5), steps=1, batch_size=4,
+                  progress=False)
+    assert math.isfinite(res.history[-1]["loss/student"])
+
+
+# ---- teacher training ----
+def test_train_teacher_resumes_exactly_and_loads(tmp_path, digits):
+    kw = dict(net=TINY_NET, batch_size=8, warmup=2, ema_decay=0.9, progress=False)
+    straight = train_teacher(digits, steps=4, ckpt_dir=tmp_path / "a", **kw)
+    train_teacher(digits, steps=2, ckpt_dir=tmp_path / "b", **kw)
+    assert read_teacher_config(tmp_path / "b")["step"] == 2
+    resumed = train_teacher(digits, steps=4, ckpt_dir=tmp_path / "b", **kw)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    from safetensors.torch import load_file
+    sa, sb = (load_file(str(tmp_path / d / "train_state.safetensors")) for d in "ab")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # online weights and AdamW moments too
+    cfg = read_teacher_config(tmp_path / "a")
+    assert cfg["step"] == 4 and cfg["prediction"] == "v" and cfg["data"] == "digits"
+    loaded = load_teacher(tmp_path / "a")
+    x, t, c = torch.randn(2, 1, 16, 16), torch.tensor([900, 100]), torch.tensor([1, -1])
+    torch.testing.assert_close(loaded(x, t, c), straight(x, t, c))
+    be = ImageBackend(digits, tmp_path / "a")
+    torch.testing.assert_close(be.teacher(x, t, c), straight(x, t, c))
+    with pytest.raises(ValueError, match="its batch_size=8 differs from batch_size=16"):
+        train_teacher(digits, steps=6, ckpt_dir=tmp_path / "a", **dict(kw, batch_size=16))
+    with pytest.raises(ValueError, match="prediction='z' is not one of"):
+        train_teacher(digits, steps=1, prediction="z")
+
+
+def test_teacher_command_line(tmp_path, capsys):
+    from ddil_lab.backends.image import main
+    main(["--data", "digits", "--net", "tiny", "--steps", "2", "--batch-size", "4",
+          "--ckpt-dir", str(tmp_path)])
+    assert read_teacher_config(tmp_path)["step"] == 2
+    assert "(2 steps)" in capsys.readouterr().out
+
+
+def test_train_teacher_loss_goes_down(digits):
+    losses = []
+    train_teacher(digits, steps=60, net=TINY_NET, batch_size=32, lr=3e-3, warmup=5,
+                  progress=False, prediction="eps", schedule=Schedule("linear"),
+                  callback=lambda k, loss: losses.append(loss))
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+    with pytest.raises(ValueError, match="prediction='eps' divides by alpha"):
+        train_teacher(digits, steps=1, prediction="eps")  # the cosine schedule's alpha(999) ~ 0
+
+
+@pytest.mark.slow
+def test_digits_teacher_is_usable_after_500_steps(digits):
+    """The offline recipe: 500 steps (a few CPU minutes) give a class-conditional teacher whose
+    32-step samples are as close to the data as held-out data, with every class in
+    proportion; plain 4-step DDIM is visibly worse (room for a student)."""
+    teacher = train_teacher(digits, steps=500, progress=False)
+    ev = im.ImageEvaluator.for_backend(ImageBackend(digits, teacher), n=500, diversity="none")
+    rows = ev.reference_rows()
+    data, fine, ddim4 = (rows[k] for k in ("data (held out)", "teacher 32-step",
+                                           "teacher DDIM 4-step"))
+    assert fine["fid"] < 1.5 * data["fid"]
+    assert fine["coverage"] == 1.0 and fine["tv"] < 0.1
+    assert ddim4["fid"] > 1.3 * fine["fid"]
+
+
+# ---- Frechet distance ----
+def _spd(d, g):
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def test_frechet_distance_closed_forms():
+    from scipy.linalg import sqrtm
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(500, 6, generator=g, dtype=torch.float64)
+    assert im.frechet_distance(f, f) < 1e-8
+    delta = torch.tensor([0.5, -1.0, 0.0, 2.0, 0.1, 0.3], dtype=torch.float64)
+    assert im.frechet_distance(f, f + delta) == pytest.approx(float(delta.pow(2).sum()), abs=1e-8)
+    # stats form vs the textbook formula with scipy's sqrtm
+    mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    S1, S2 = _spd(6, g), _spd(6, g)
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(S1.numpy() + S2.numpy()
+                                              - 2 * sqrtm(S1.numpy() @ S2.numpy()).real)
+    assert im.frechet_distance_from_stats(mu1, S1, mu2, S2) == pytest.approx(float(ref), rel=1e-9)
+    # samples of two Gaussians: FD -> |mu1 - mu2|^2 + sum (s1 - s2)^2 for diagonal covariances
+    s1, s2 = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([1.0, 1.5, 1.0])
+    a = torch.randn(40000, 3, generator=g) * s1
+    b = torch.randn(40000, 3, generator=g) * s2 + torch.tensor([1.0, 0.0, 0.0])
+    closed = 1.0 + float(((s1 - s2) ** 2).sum())
+    assert im.frechet_distance(a, b) == pytest.approx(closed, rel=0.02)
+    assert im.frechet_distance(a[:20000], a[20000:]) < 0.01
+
+
+def test_precision_recall():
+    g = torch.Generator().manual_seed(0)
+    real = torch.cat([torch.randn(200, 2, generator=g) * 0.1,
+                      torch.randn(200, 2, generator=g) * 0.1 + 5])
+    assert im.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+    pr = im.precision_recall(real, real[:200])  # one of two modes: precise, half the recall
+    assert pr["precision"] == 1.0 and 0.45 < pr["recall"] < 0.55
+    assert im.precision_recall(real, real + 20)["precision"] == 0.0
+
+
+# ---- mode coverage ----
+class LabelReader(torch.nn.Module):
+    """A perfect classifier for images that carry their label in pixel (0, 0)."""
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(x[:, 0, 0, 0].round().long(), 10).float()
+
+
+def test_mode_coverage_oracle():
+    w = torch.tensor([0.3, 0.2] + [0.0625] * 8, dtype=torch.float64)
+    labels = torch.tensor([0] * 50 + [1] * 50)  # only two classes, equally often
+    x = torch.zeros(100, 1, 4, 4)
+    x[:, 0, 0, 0] = labels.float()
+    m = im.mode_coverage(x, LabelReader(), w)
+    assert m["coverage"] == 0.2
+    assert m["tv"] == pytest.approx(0.5 * (0.2 + 0.3 + 8 * 0.0625))
+    assert m["hist"][:2] == [0.5, 0.5]
+
+
+def test_digits_classifier_is_accurate_and_matches_data(digits):
+    clf = im.train_classifier(digits, steps=200)
+    assert clf.accuracy > 0.9
+    x, _ = digits.get(torch.arange(len(digits)))
+    m = im.mode_coverage(x, clf, digits.class_weights)
+    assert m["coverage"] == 1.0 and m["tv"] < 0.05
+    feats = im.extract(im.ClassifierFeatures(clf), x)
+    assert feats.shape == (len(digits), 64)
+    half = len(x) // 2
+    fid_data = im.frechet_distance(feats[:half], feats[half:])
+    five = feats[:half][digits.labels[:half] < 5]  # a set that lost half of the modes
+    assert im.frechet_distance(five, feats[half:]) > 3 * fid_data
+
+
+# ---- diversity ----
+@pytest.fixture(scope="module")
+def lpips_rand():
+    return im.lpips_model("alex", pretrained=False)  # package's linear layers, random trunk
+
+
+def test_lpips_diversity_protocol(lpips_rand):
+    g = torch.Generator().manual_seed(0)
+    same = torch.rand(1, 1, 16, 16, generator=g).expand(5, -1, -1, -1) * 2 - 1
+    assert im.lpips_diversity({0: same}, model=lpips_rand) == pytest.approx(0.0, abs=1e-6)
+    a = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    b = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        da = [lpips_rand(a[i:i + 1], a[j:j + 1]).item() for i in range(3) for j in range(i + 1, 3)]
+        db = [lpips_rand(b[i:i + 1], b[j:j + 1]).item() for i in range(4) for j in range(i + 1, 4)]
+    want = (np.mean(da) + np.mean(db)) / 2  # mean over pairs, then over conditionings
+    assert im.lpips_diversity({"a": a, "b": b}, model=lpips_rand) == pytest.approx(want, rel=1e-5)
+    assert im.lpips_diversity([a, b], model=lpips_rand) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        im.lpips_diversity({0: a[:1]}, model=lpips_rand)
+
+
+def test_weights_fail_fast_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch hub cache
+    monkeypatch.setattr(hub, "host_reachable", lambda host, **kw: False)
+    t0 = time.time()
+    with pytest.raises(hub.OfflineError, match="alex trunk weights for LPIPS.*alexnet"):
+        im.lpips_model("alex")
+    with pytest.raises(hub.OfflineError, match="alex.*download.pytorch.org is unreachable"):
+        im.lpips_diversity(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(hub.OfflineError, match="Inception-v3 weights for FID"):
+        im.InceptionFeatures("torchvision")
+    assert time.time() - t0 < 5
+    with pytest.raises(ValueError, match="kind='tf' is not one of"):
+        im.InceptionFeatures("tf")
+
+
+# ---- covariate shift per step ----
+def test_covariate_shift_per_step_sees_shifted_states(digits):
+    S, g = Schedule("linear"), torch.Generator().manual_seed(0)
+    x0, _ = digits.sample(600, g)
+    grid = [999, 749, 500, 250]
+    fwd = Trajectory(grid, xs=[S.q_sample(x0, t, torch.randn(x0.shape, generator=g)) for t in grid])
+    # states whose signal is 30% too weak: what a student that lost contrast would visit
+    weak = Trajectory(grid, xs=[S.q_sample(0.7 * x0, t, torch.randn(x0.shape, generator=g))
+                                for t in grid])
+    ref = digits.sample(600, g)[0]
+    d_fwd = im.covariate_shift_per_step(fwd, ref, S, generator=g)
+    d_weak = im.covariate_shift_per_step(weak, ref, S, generator=g)
+    assert list(d_fwd) == grid
+    assert abs(d_weak[999] - d_fwd[999]) < 0.05  # at t = 999 everything is noise
+    assert d_weak[250] > 3 * d_fwd[250] and d_weak[250] > d_weak[749]
+
+
+class DataSampler:
+    """An oracle 'student' whose states are forward-diffused data and whose samples are data."""
+
+    def __init__(self, data, schedule, grid):
+        self.data, self.S, self.grid = data, schedule, grid
+
+    def sample(self, x_T, cond=None):
+        g = torch.Generator().manual_seed(len(x_T))
+        x0 = self.data.sample(len(x_T), g)[0]
+        xs = [self.S.q_sample(x0, t, torch.randn(x0.shape, generator=g)) for t in self.grid]
+        return Trajectory(self.grid, xs=xs + [x0])
+
+
+def test_evaluator_on_an_oracle_sampler(digits):
+    be = ImageBackend(digits, PredV(tiny_unet(), Schedule()), conditional=False)
+    ev = im.ImageEvaluator(be, im.pooled_pixels, None, n=300, diversity="features")
+    data_row = ev.data_row()
+    row = ev.evaluate(DataSampler(digits, be.schedule, ev.grid))
+    assert row["fid"] < 1.5 * data_row["fid"] + 0.1  # data-like samples: FID at the data floor
+    assert row["diversity"] == pytest.approx(data_row["diversity"], rel=0.15)
+    for t in ev.grid:  # forward states: shift at the floor of two forward sets
+        assert abs(row[f"shift_t{t}"] - ev.shift_floor[t]) < 0.25 * ev.shift_floor[t] + 0.05
+
+
+# ---- the experiment and the notebook, end to end on the offline digits ----
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_image_table():
+    spec = importlib.util.spec_from_file_location("image_table",
+                                                  ROOT / "experiments" / "image_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_image_table_quick_writes_table(tmp_path):
+    mod = _load_image_table()
+    out = mod.main(["--quick", "--out", str(tmp_path), "--no-progress", "--methods", "lcm",
+                    "--arms", "baseline,ddil"])
+    assert {Path(f).name for f in out["files"]} == {"results.json", "table.md", "samples.png",
+                                                    "shift.png"}
+    res = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert set(res) == {"data (held out)", "teacher 32-step", "teacher DDIM 4-step",
+                        "lcm baseline", "lcm ddil"}
+    for name, row in res.items():
+        keys = ("fid", "tv", "diversity") + (("shift_sum",) if "data" not in name else ())
+        assert all(math.isfinite(row[k]) for k in keys)
+        assert 0.0 <= row["coverage"] <= 1.0
+    assert "| lcm ddil |" in (tmp_path / "table.md").read_text()
+    with pytest.raises(ValueError, match="methods=\\['gan'\\]"):
+        mod.run(str(tmp_path), quick=True, methods=("gan",))
+
+
+def test_notebook_05_runs_under_papermill(tmp_path):
+    """The offline image tier end to end (teacher, PD/LCM/DMD2 with and without DDIL,
+    metrics, figures) under papermill with tiny parameters."""
+    pm = pytest.importorskip("papermill")
+    params = dict(out_dir=str(tmp_path / "out"), teacher_dir="", teacher_steps=10, tiny_net=True,
+                  steps=2, batch_size=8, buffer_size=16, critic_steps=1, n_eval=40,
+                  classifier_steps=20, diversity="features")
+    pm.execute_notebook(str(ROOT / "notebooks" / "05_image_toy.ipynb"),
+                        str(tmp_path / "out.ipynb"), parameters=params, kernel_name="python3",
+                        cwd=str(ROOT), progress_bar=False)
+    rec = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(rec["figures"]) == {"teacher", "samples", "shift"}
+    assert all(Path(p).stat().st_size > 2000 for p in rec["figures"].values())
+    for arm in ("pd", "lcm", "dmd2"):
+        for kind in ("baseline", "ddil"):
+            assert math.isfinite(rec["metrics"][f"table/{arm} {kind}/fid"])

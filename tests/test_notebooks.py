@@ -1,0 +1,234 @@
+"""The teaching notebooks and their library (``ddil_lab.teach``).
+
+- every ``notebooks/*.ipynb`` is in sync with its jupytext ``.py`` pair and has no outputs;
+  a teaching notebook's ``parameters`` cell holds literals in ``name: type = value  # help``
+  form;
+- each teaching notebook runs headless under papermill with tiny parameters (the four run
+  side by side in subprocesses) and records its figures and finite metrics in ``out_dir``;
+- the helpers the notebooks call behave (oracles where there are any).
+"""
+import glob
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NB_DIR = os.path.join(ROOT, "notebooks")
+
+# Tiny parameters: seconds of compute each (most of a run is kernel start and imports).
+TINY = {
+    "01_covariate_shift": {"steps": 3, "batch_size": 32, "seeds": [0, 1], "n_eval": 200,
+                           "init_steps": 30, "substeps": 2},
+    "02_mode_loss": {"steps": 3, "batch_size": 32, "seeds": [0], "n_eval": 200,
+                     "init_steps": 30, "pd_substeps": 2, "critic_steps": 1, "fine_steps": 8},
+    "03_ddil_methods": {"table_overrides": {}, "steps": 6, "batch_size": 32,
+                        "snapshot_every": 2, "n_snapshot": 200, "init_steps": 30,
+                        "ramp_steps": 4},
+    "04_reflected": {"dmd2_steps": 4, "seeds": [0, 1], "n_eval": 200, "init_steps": 30,
+                     "critic_steps": 1, "eval_every": 2},
+}
+FIGURES = {  # figures each notebook must record
+    "01_covariate_shift": {"teacher_uncond", "states_uncond", "shift_uncond", "step_error_uncond",
+                           "teacher_guided", "states_guided", "shift_guided",
+                           "step_error_guided", "samples_guided"},
+    "02_mode_loss": {"samples", "reachable_modes", "effective_modes", "final_modes", "reach_map"},
+    "03_ddil_methods": {"sources_over_training", "source_fractions", "source_losses",
+                        "source_preview"},
+    "04_reflected": {"teacher_x0", "targets", "dmd2_stability", "dmd2_critic"},
+}
+METRIC_PREFIXES = {  # metric families each notebook must record
+    "01_covariate_shift": ("uncond/ddil/mmd_x1e3", "guided/baseline/gap_sum",
+                           "guided/ddil/train_gap_sum"),
+    "02_mode_loss": ("modes/pd ddil/tv", "modes/dmd2 backward/effective_modes_final",
+                     "effective_modes/teacher/0"),
+    "03_ddil_methods": ("table/", "sources_final/forward", "source_loss_final/"),
+    "04_reflected": ("teacher_x0_outside/t999", "targets/pd reflected/outside",
+                     "dmd2/reflected/final_mmd", "dmd2/reflected/raw_outside"),
+}
+PARAM_LINE = re.compile(r"^[A-Za-z_]\w*: [A-Za-z_][\w\[\], |.]* = \S.*  # \S.*$")
+
+
+def _ipynbs():
+    return sorted(glob.glob(os.path.join(NB_DIR, "*.ipynb")))
+
+
+@pytest.mark.parametrize("ipynb", _ipynbs(), ids=os.path.basename)
+def test_pair_in_sync_stripped_with_literal_parameters(ipynb):
+    jupytext = pytest.importorskip("jupytext")
+    py = ipynb[:-len(".ipynb")] + ".py"
+    assert os.path.exists(py), f"{ipynb} has no jupytext pair {py}"
+    a, b = jupytext.read(ipynb), jupytext.read(py)
+    cells_a = [(c.cell_type, c.source.strip(), tuple(c.metadata.get("tags", ()))) for c in a.cells]
+    cells_b = [(c.cell_type, c.source.strip(), tuple(c.metadata.get("tags", ()))) for c in b.cells]
+    for i, (ca, cb) in enumerate(zip(cells_a, cells_b)):
+        assert ca == cb, (f"{os.path.basename(ipynb)} cell {i} differs from its .py: run "
+                          f"`jupytext --to ipynb {os.path.relpath(py, ROOT)}`")
+    assert len(cells_a) == len(cells_b), f"{ipynb}: {len(cells_a)} cells vs {len(cells_b)} in .py"
+    with open(ipynb) as f:
+        raw = json.load(f)
+    for i, c in enumerate(raw["cells"]):
+        if c["cell_type"] == "code":
+            assert not c.get("outputs") and c.get("execution_count") is None, \
+                f"{ipynb} cell {i} has outputs committed: strip them"
+    params = [c for c in b.cells if "parameters" in c.metadata.get("tags", ())]
+    name = os.path.basename(py)[:-len(".py")]
+    if name not in TINY:  # another team's notebook: only pairing and stripping are checked here
+        return
+    assert len(params) == 1, f"{py} needs exactly one cell tagged parameters"
+    for c in params:
+        for line in c.source.splitlines():
+            if line.strip() and not line.startswith("#"):
+                assert PARAM_LINE.match(line), f"{py}: parameter line not `name: type = value  # help`: {line!r}"
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Run every teaching notebook headless with its tiny parameters, all at once (separate
+    papermill processes), and return name -> (out_dir, executed notebook, returncode, log).
+    The kernel is this interpreter: a ``python3`` kernelspec on a private JUPYTER_PATH
+    shadows any user-level one (e.g. one CI installed for another virtual environment)."""
+    pytest.importorskip("papermill")
+    base = tmp_path_factory.mktemp("notebooks")
+    spec = base / "jupyter" / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3", "language": "python"}))
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": ROOT,
+           "JUPYTER_PATH": str(base / "jupyter")}
+    procs = {}
+    for name, params in TINY.items():
+        out_dir = base / name
+        out_nb = base / f"{name}.ipynb"
+        params = {**params, "out_dir": str(out_dir), "widgets": True}
+        cmd = [sys.executable, "-m", "papermill", os.path.join(NB_DIR, f"{name}.ipynb"),
+               str(out_nb), "-y", json.dumps(params), "-k", "python3", "--cwd", ROOT,
+               "--no-progress-bar"]
+        log = base / f"{name}.log"
+        with open(log, "w") as f:
+            procs[name] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env),
+                           out_dir, out_nb, log)
+    results = {}
+    for name, (p, out_dir, out_nb, log) in procs.items():
+        try:
+            rc = p.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = -9
+        results[name] = (out_dir, out_nb, rc, log.read_text()[-3000:])
+    return results
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_notebook_runs_headless_and_records(executed, name):
+    out_dir, out_nb, rc, log = executed[name]
+    assert rc == 0, f"{name} failed under papermill:\n{log}"
+    with open(out_dir / "metrics.json") as f:
+        rec = json.load(f)
+    figures, metrics = rec["figures"], rec["metrics"]
+    assert FIGURES[name] <= set(figures), f"missing figures {FIGURES[name] - set(figures)}"
+    for fig, path in figures.items():
+        assert os.path.getsize(path) > 2000, f"figure {fig} at {path} is empty"
+    assert metrics, "no metrics recorded"
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    assert not bad, f"non-finite metrics: {bad}"
+    for prefix in METRIC_PREFIXES[name]:
+        assert any(k.startswith(prefix) for k in metrics), f"no metric {prefix}*"
+    with open(out_nb) as f:  # figures are in the executed notebook too (headless fallback)
+        nb = json.load(f)
+    pngs = sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
+    assert pngs >= len(FIGURES[name]), f"only {pngs} figures shown in the executed notebook"
+
+
+# ---------------------------------------------------------------- the library behind them
+
+@pytest.fixture(scope="module")
+def ring():
+    from ddil_lab.backends.toy2d import Toy2dBackend
+    torch.set_num_threads(1)
+    return Toy2dBackend("ring8", init_steps=30)
+
+
+def test_teacher_reaches_the_same_modes_from_every_step(ring):
+    """Oracle: continuing the (deterministic) teacher's own states with the teacher gives its
+    own samples, so every row of its reachable-mode histogram is its sample histogram."""
+    from ddil_lab import teach
+    traj, cond = teach.teacher_trajectory(ring, 4, n=400)
+    h = teach.reachable_modes(ring, traj, cond, fine_steps=32)
+    assert h.shape == (5, ring.gmm.K + 1)
+    torch.testing.assert_close(h, h[-1:].expand_as(h), atol=1e-12, rtol=0)
+    torch.testing.assert_close(h.sum(1), torch.ones(5, dtype=h.dtype))
+    s = teach.mode_summary(h)
+    assert max(s["tv"]) < 1e-12 and all(5 < e <= 8 for e in s["effective_modes"])
+
+
+def test_snapshots_watch_without_disturbing_training(ring):
+    from ddil_lab import teach
+    from ddil_lab.distill import PD
+    from ddil_lab.rollout import SOURCES, StateSampler
+    from ddil_lab.train import distill
+
+    def run(callbacks):
+        sampler = StateSampler(beta_frwd=0.4, beta_student_bckwrd=0.3, beta_mixed=0.3,
+                               buffer_size=64, refresh_every=2)
+        return distill(ring, PD(substeps=2), sampler, steps=6, batch_size=32, lr=1e-3,
+                       progress=False, callbacks=callbacks, eval_every=2)
+    snap = teach.StateSnapshots(n=120)
+    plain, watched = run(()), run((snap,))
+    assert [h["loss/student"] for h in plain.history] == [h["loss/student"] for h in watched.history]
+    assert plain.sampler.nfe == watched.sampler.nfe
+    assert [s for s, _, _ in snap.snapshots] == [2, 4, 6]
+    fr = snap.source_fractions()
+    assert set(fr) == set(SOURCES) and all(abs(sum(v[i] for v in fr.values()) - 1) < 1e-9
+                                           for i in range(3))
+    assert fr["forward"][-1] < 1.0  # rollout states are drawn too
+    only_student = teach.preview_sources(watched, 0, 0, 1, 0, n=20)
+    assert (only_student.source == SOURCES.index("student")).all()
+    assert set(only_student.t.tolist()) == set(watched.method.grid.tolist())
+
+
+def test_explorer_draws_static_then_redraws_on_change():
+    pytest.importorskip("ipywidgets")
+    from matplotlib.figure import Figure
+
+    from ddil_lab import teach
+    calls = []
+
+    def draw(a, b, c=0):
+        calls.append((a, b, c))
+        fig = Figure()
+        fig.subplots().plot([0, 1], [a, a])
+        return fig
+    ex = teach.Explorer(draw, {"a": (0.0, 1.0, 0.1), "b": bool}, {"a": 0.5, "b": True}, c=3)
+    assert isinstance(ex.static(), Figure) and calls == [(0.5, True, 3)]
+    box = ex.show()
+    assert box is not None and ex.show(enabled=False) is None
+    ex.widgets["a"].value = 0.2
+    assert ex.redraws == 1 and calls[-1] == (0.2, True, 3)
+
+
+def test_recorder_and_verdict(tmp_path):
+    from matplotlib.figure import Figure
+
+    from ddil_lab import teach
+    rec = teach.Recorder(str(tmp_path))
+    fig = Figure()
+    fig.subplots().plot([0, 1])
+    rec.figure("line", fig)
+    rec.log("a", {"b": {"c": 1.5, "name": "skipped"}, "d": 2})
+    with open(rec.save()) as f:
+        out = json.load(f)
+    assert out["metrics"]["a/b/c"] == 1.5 and out["metrics"]["a/d"] == 2.0
+    assert os.path.getsize(out["figures"]["line"]) > 0 and "run/wall_s" in out["metrics"]
+    rows = {"x": [{"m": v} for v in (1.0, 1.1, 0.9)], "y": [{"m": v} for v in (0.5, 0.6, 0.4)],
+            "z": [{"m": v} for v in (1.0, 1.2, 0.8)], "one": [{"m": 0.0}]}
+    assert "clear" in teach.verdict(rows, "x", "y", "m")
+    assert "no difference" in teach.verdict(rows, "x", "z", "m")
+    assert "one seed" in teach.verdict(rows, "one", "x", "m")
+    assert "| x | 1 ± 0.1 |" in teach.markdown_table({"x": {"m": [1.0, 1.1, 0.9]}}, ["m"])

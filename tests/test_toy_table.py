@@ -1,0 +1,116 @@
+"""The toy results table, the DDIL demo and the benchmark with tiny settings, and the seed
+ensemble they rely on (each member must train exactly as it would alone)."""
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from ddil_lab import toy_experiments as tx
+from ddil_lab.backends.toy2d import Toy2dBackend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments",
+                                                                     f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def ring():
+    return Toy2dBackend("ring8", init_steps=100)
+
+
+def test_seed_ensemble_routes_and_gives_each_member_its_own_gradient(ring):
+    view = tx.EnsembleBackend(ring, members=3)
+    ens = view.make_student()
+    with torch.no_grad():  # make the members differ
+        for k, member in enumerate(ens.members):
+            member.net.out.bias += k
+    x, t = torch.randn(30, 2), torch.randint(0, 1000, (30,))
+    m = torch.randint(0, 3, (30,))
+    out = ens(x, t, {"m": m, "c": None})
+    for k in range(3):
+        sel = m == k
+        torch.testing.assert_close(out[sel], ens.members[k](x[sel], t[sel]))
+    # a summed per-sample loss gives member k the gradient of its own samples' loss only
+    (out ** 2).sum().backward()
+    g_ens = ens.members[1].net.out.bias.grad.clone()
+    alone = ens.members[1]
+    alone.zero_grad()
+    (alone(x[m == 1], t[m == 1]) ** 2).sum().backward()
+    torch.testing.assert_close(g_ens, alone.net.out.bias.grad)
+    assert view.counter["student"] == 30  # the ensemble counts, a bare member does not
+
+
+def test_arms_and_errors():
+    m, s = tx.make_arm("pd", "ddil+reflected")
+    assert m.reflected and m.substeps == 8 and s.priors["beta_mixed"] == 0.5
+    _, s = tx.make_arm("lcm", "ddil")
+    assert s.priors["beta_student_bckwrd"] == 0.5
+    assert not tx.make_arm("dmd2", "baseline")[1].is_ddil
+    with pytest.raises(ValueError, match="arm='dagger'"):
+        tx.make_arm("pd", "dagger")
+    with pytest.raises(ValueError, match="method='sd'"):
+        tx.make_sampler("sd", True)
+    with pytest.raises(ValueError, match="setting='moons'"):
+        tx.make_backend("moons")
+
+
+def test_teacher_second_draw_is_the_noise_floor(ring):
+    ref = tx.make_reference(ring, n=1500, seed=0)
+    rows = tx.reference_rows(ring, ref)
+    floor, ddim4 = rows["teacher 32-step (2nd draw)"], rows["teacher DDIM 4-step"]
+    assert floor["mmd_x1e3"] < 10 < ddim4["mmd_x1e3"]
+    assert floor["nll"] < ddim4["nll"] - 2
+    assert all(abs(floor[f"shift_t{t}"]) < 0.1 for t in ref.grid)
+
+
+def _finite(rows, keys):
+    for r in rows:
+        for k in keys:
+            assert math.isfinite(float(r[k])), (r["method"], r["arm"], k, r[k])
+
+
+def test_toy_table_quick_writes_csv_md_and_figures(tmp_path):
+    table = _load("toy_table")
+    res = table.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    names = set(os.listdir(tmp_path))
+    assert {"results.csv", "summary.csv", "table.md", "samples_ring8.png", "steps_ring8.png",
+            "modes_ring8.png"} <= names
+    students = [r for r in res["rows"] if r["method"] != "teacher"]
+    assert len(students) == 12 and {r["arm"] for r in students} == set(tx.ARMS)
+    grid = [999, 749, 500, 250]
+    _finite(res["rows"], ["nll", "mmd_x1e3", "sw_x1e3", "tv", "off_mode", "shift_sum",
+                          "drift_sum"] + [f"shift_t{t}" for t in grid])
+    _finite(students, ["wall_s", "nfe_teacher", "nfe_student"])
+    # DDIL's rollouts show up in its cost; PD's target costs 8 teacher evaluations per state
+    pd = {r["arm"]: r for r in students if r["method"] == "pd"}
+    assert pd["baseline"]["nfe_teacher"] == 8.0 and pd["ddil"]["nfe_teacher"] > 8.0
+    md = (tmp_path / "table.md").read_text()
+    assert "| pd | ddil+reflected |" in md and "drift t=250" in md
+    with pytest.raises(ValueError, match="arms="):
+        table.run(str(tmp_path), quick=True, arms=("nope",))
+
+
+def test_demo_tiny(tmp_path):
+    from ddil_lab import demo
+    res = demo.main(["--quick", "--out", str(tmp_path)])
+    assert {"table.md", "samples_demo.png", "steps_demo.png"} <= set(os.listdir(tmp_path))
+    arms = [r for r in res.rows if r["method"] == "pd"]
+    assert {r["arm"] for r in arms} == {"baseline", "ddil"}
+    _finite(arms, ["nll", "mmd_x1e3"] + [f"train_gap_t{t}" for t in res.ref.grid])
+
+
+def test_bench_tiny(capsys):
+    bench = _load("bench")
+    res = bench.main(["--steps", "3", "--batch", "16", "--repeats", "1", "--init-steps", "100",
+                      "--buffer-size", "32", "--refresh-size", "16"])
+    for v in res["ratios"].values():
+        assert v["wall"] > 0 and math.isfinite(v["cpu"])
+    assert "distill() / hand-written PD" in capsys.readouterr().out
