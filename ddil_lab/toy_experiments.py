@@ -308,13 +308,15 @@ class Reference:
     """The common evaluation set: students start from ``x_T`` with labels ``cond``; the
     teacher's own trajectory (``teacher``, from independent noise, same labels) gives the
     reference states at every student timestep and the reference samples; ``teacher2`` is a
-    second teacher draw (the noise floor of every distance)."""
+    second teacher draw (the noise floor of every distance); ``fwd[i]`` are forward states
+    x_t ~ q_t(x | c) at ``grid[i]`` with the same labels (what forward-only training sees)."""
     grid: list[int]
     x_T: torch.Tensor
     cond: torch.Tensor | None
     teacher: Trajectory
     teacher2: Trajectory
     hist: torch.Tensor = field(default=None)  # the teacher's mode histogram
+    fwd: list = field(default_factory=list)
 
 
 def make_reference(backend, n: int = 4000, n_steps: int = 4, seed: int = 1234,
@@ -329,17 +331,29 @@ def make_reference(backend, n: int = 4000, n_steps: int = 4, seed: int = 1234,
     t1 = teach.sample(backend.sample_noise(n, g), cond)
     t2 = teach.sample(backend.sample_noise(n, g), cond)
     hist = torch.tensor(mode_stats(t1.sample, backend.gmm)["hist"], dtype=torch.float64)
-    return Reference(grid, x_T, cond, t1, t2, hist)
+    g_fwd = torch.Generator().manual_seed(seed + 1)  # its own stream: the draws above stay put
+    x0 = backend.gmm.sample(n, g_fwd, label=cond)[0] if cond is not None else \
+        backend.gmm.sample(n, g_fwd)[0]
+    fwd = [backend.schedule.q_sample(x0, torch.full((n,), t), torch.randn(x0.shape,
+                                                                          generator=g_fwd))
+           for t in grid]
+    return Reference(grid, x_T, cond, t1, t2, hist, fwd)
 
 
 def evaluate_trajectory(traj: Trajectory, backend, ref: Reference) -> dict:
     """All metrics of one trajectory started from ``ref.x_T`` with labels ``ref.cond``:
     sample quality (NLL under the true (conditional) mixture, MMD and sliced W1 to the teacher's
     samples (x1e3), coverage, mode-weight TV to the teacher's histogram (``tv``) and to the true
-    weights (``tv_data``), off-mode fraction) and, at each grid timestep t, the covariate shift
-    ``shift_t{t}`` (nats) and the drift ``drift_t{t}`` (sliced W1 x1e3 to the teacher's states),
+    weights (``tv_data``), off-mode fraction) and, at each grid timestep t:
+
+    - ``shift_t{t}``: covariate shift vs q_t(x | c) in nats (``metrics.covariate_shift``);
+    - ``gap_t{t}``: sliced W1 x1e3 between the states and forward states of q_t(x | c) (the same
+      train/inference mismatch as a distance: the nats shift is a cross-entropy, and it barely
+      sees states that are *more* concentrated than q_t, as guided ones are);
+    - ``drift_t{t}``: sliced W1 x1e3 to the teacher's own states (drift from the teacher);
+
     with their sums (``shift_sum`` sums |shift_t|: the shift is negative where states are more
-    concentrated than q_t, e.g. a mode-seeking student, positive where they sit off it)."""
+    concentrated than q_t, positive where they sit off it)."""
     gmm, S, c = backend.gmm, backend.schedule, ref.cond
     x = traj.sample
     ms = mode_stats(x, gmm)
@@ -352,8 +366,13 @@ def evaluate_trajectory(traj: Trajectory, backend, ref: Reference) -> dict:
         out[f"shift_t{t}"] = covariate_shift(traj.xs[i], t, gmm, S, label=c)
         out[f"drift_t{t}"] = 1e3 * state_distance(traj.xs[i], ref.teacher.xs[i], c, c,
                                                   n_proj=SW_PROJECTIONS)
+        if ref.fwd:
+            out[f"gap_t{t}"] = 1e3 * state_distance(traj.xs[i], ref.fwd[i], c, c,
+                                                    n_proj=SW_PROJECTIONS)
     out["shift_sum"] = sum(abs(out[f"shift_t{t}"]) for t in ref.grid)  # signed terms may cancel
     out["drift_sum"] = sum(out[f"drift_t{t}"] for t in ref.grid)
+    if ref.fwd:
+        out["gap_sum"] = sum(out[f"gap_t{t}"] for t in ref.grid)
     return out
 
 
@@ -517,15 +536,15 @@ def run_setting(backend, setting: str = "", methods=METHODS, arms=ARMS, seeds=(0
                              **e})
         res.samples[f"{method} {arm}"] = views[0].sample(ref.x_T, ref.cond).sample
         res.per_step[(method, arm)] = {k: [[e[f"{k}_t{t}"] for t in ref.grid] for e in evals]
-                                       for k in ("shift", "drift")}
+                                       for k in ("shift", "gap", "drift")}
         res.hists[(method, arm)] = [e["hist"] for e in evals]
     return res
 
 
 def save_figures(res: SettingResult, out: str, tag: str | None = None) -> list[str]:
     """Write ``samples_<tag>.png`` (seed 0 per arm, coloured by class),
-    ``steps_<tag>.png`` (covariate shift and drift per student timestep, mean +- std over
-    seeds, the teacher's second draw dashed) and ``modes_<tag>.png`` (mode histograms, the
+    ``steps_<tag>.png`` (covariate shift, gap to q_t and drift per student timestep, mean +-
+    std over seeds, the teacher's second draw dashed) and ``modes_<tag>.png`` (mode histograms, the
     teacher's as ticks) under ``out``; returns the paths."""
     import os
 
@@ -552,9 +571,10 @@ def save_figures(res: SettingResult, out: str, tag: str | None = None) -> list[s
     plt.close(fig)
 
     floor = evaluate_trajectory(ref.teacher2, res.backend, ref)
-    fig, axs = plt.subplots(2, len(methods), figsize=(3.8 * len(methods), 6.2), squeeze=False)
+    fig, axs = plt.subplots(3, len(methods), figsize=(3.8 * len(methods), 9.2), squeeze=False)
     for j, m in enumerate(methods):
         for i, (key, ylabel) in enumerate((("shift", "covariate shift vs q_t (nats)"),
+                                           ("gap", "distance to q_t states (SW x1e3)"),
                                            ("drift", "drift to teacher states (SW x1e3)"))):
             curves = {a: v[key] for (mm, a), v in res.per_step.items() if mm == m}
             plots.step_curves(axs[i, j], ref.grid, curves, ylabel, title=f"{m} ({tag})",
@@ -592,6 +612,11 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
        9: 2.262, 10: 2.228}  # two-sided 95% Student t quantiles by degrees of freedom
 
 
+def _num(v) -> float:
+    """A metric from a row (a float, or a CSV string; missing -> NaN)."""
+    return math.nan if v is None or v == "" else float(v)
+
+
 def paired_deltas(rows: list[dict], keys, base_arm: str = "baseline") -> list[dict]:
     """Per (setting, method, arm != base_arm): the mean over seeds of arm - base_arm (paired by
     seed: same training seed, same evaluation noise), ``key_ci`` the half-width of its 95%
@@ -609,7 +634,7 @@ def paired_deltas(rows: list[dict], keys, base_arm: str = "baseline") -> list[di
             continue
         d = {"setting": setting, "method": method, "arm": arm, "seeds": len(pairs)}
         for k in keys:
-            mu, sd = mean_std(float(a[k]) - float(b[k]) for a, b in pairs)
+            mu, sd = mean_std(_num(a.get(k)) - _num(b.get(k)) for a, b in pairs)
             ci = T95.get(len(pairs) - 1, 1.96) * sd / math.sqrt(len(pairs)) if len(pairs) > 1 \
                 else math.nan
             d[k], d[f"{k}_ci"], d[f"{k}_sig"] = mu, ci, bool(not math.isnan(ci) and abs(mu) > ci)

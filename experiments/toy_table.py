@@ -8,9 +8,12 @@
 Every arm of a setting trains with the same gradient steps, batch and learning rate, and is
 evaluated from the same noise and labels against the (guided) 32-step teacher. Writes under
 ``--out``: ``results.csv`` (one row per seed), ``summary.csv`` (mean and std over seeds),
-``table.md`` (printed too) and per setting ``samples_<setting>.png``,
-``steps_<setting>.png`` (covariate shift and drift per student timestep, +-1 std bands) and
-``modes_<setting>.png``. See ``ddil_lab/toy_experiments.py`` for the arms and the metrics.
+``table.md`` (printed too: per setting the metrics, the per-step covariate shift / gap to q_t /
+drift, and paired differences of every arm to its baseline with 95% intervals) and per setting
+``samples_<setting>.png``, ``steps_<setting>.png`` (shift, gap and drift per student timestep,
++-1 std bands) and ``modes_<setting>.png``. ``--deltas-from results.csv`` re-prints the paired
+differences of an earlier run. See ``ddil_lab/toy_experiments.py`` for the arms and metrics.
+Results and the regime search: docs/results.md.
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ QUICK = {"settings": ("ring8",), "seeds": (0,), "steps": 6, "batch_size": 64, "n
          "init_steps": 100, "buffer_size": 64, "refresh_size": 32, "critic_steps": 2}
 
 METRICS = ("nll", "mmd_x1e3", "sw_x1e3", "coverage", "tv", "tv_data", "off_mode", "shift_sum",
-           "drift_sum", "wall_s", "cpu_s", "nfe_teacher", "nfe_student")
+           "gap_sum", "drift_sum", "wall_s", "cpu_s", "nfe_teacher", "nfe_student")
+STEP_KEYS = ("shift", "gap", "drift")
 COLUMNS = [  # (key, header, format, scale) of the main Markdown table
     ("nll", "NLL", "{:.2f}", 1), ("mmd_x1e3", "MMD x1e3", "{:.0f}", 1),
     ("sw_x1e3", "SW x1e3", "{:.0f}", 1), ("coverage", "cover", "{:.2f}", 1),
     ("tv", "TV", "{:.3f}", 1), ("off_mode", "off-mode %", "{:.1f}", 100),
-    ("shift_sum", "sum abs shift (nats)", "{:.2f}", 1), ("drift_sum", "sum drift x1e3", "{:.0f}", 1)]
+    ("shift_sum", "sum abs shift (nats)", "{:.2f}", 1), ("gap_sum", "sum gap x1e3", "{:.0f}", 1),
+    ("drift_sum", "sum drift x1e3", "{:.0f}", 1)]
 
 
 def _fmt(s: dict, key: str, fmt: str, scale: float) -> str:
@@ -88,20 +93,23 @@ def markdown(summary: list[dict], setting: str, grid: list[int]) -> str:
                       f"{s['nfe_teacher']:.2f}+{s['nfe_student']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     step_head = (["method", "arm"] + [f"shift t={t}" for t in grid]
-                 + [f"drift t={t}" for t in grid])
+                 + [f"gap t={t}" for t in grid] + [f"drift t={t}" for t in grid])
     step = ["| " + " | ".join(step_head) + " |", "|" + "---|" * len(step_head)]
     for s in rows:
         cells = [s["method"], s["arm"]]
         cells += [_fmt(s, f"shift_t{t}", "{:.3f}", 1) for t in grid]
+        cells += [_fmt(s, f"gap_t{t}", "{:.0f}", 1) for t in grid]
         cells += [_fmt(s, f"drift_t{t}", "{:.0f}", 1) for t in grid]
         step.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nPer student timestep (shift: nats vs q_t(x|c); drift: " \
-        "sliced W1 x1e3 to the teacher's states):\n\n" + "\n".join(step) + "\n"
+    return "\n".join(lines) + "\n\nPer student timestep (shift: nats vs q_t(x|c); gap: sliced " \
+        "W1 x1e3 to forward states of q_t(x|c); drift: sliced W1 x1e3 to the teacher's states):" \
+        "\n\n" + "\n".join(step) + "\n"
 
 
 DELTAS = [("nll", "ΔNLL", "{:+.2f}", 1), ("mmd_x1e3", "ΔMMD x1e3", "{:+.0f}", 1),
           ("sw_x1e3", "ΔSW x1e3", "{:+.0f}", 1), ("off_mode", "Δoff-mode pp", "{:+.1f}", 100),
-          ("shift_sum", "Δsum abs shift", "{:+.2f}", 1), ("drift_sum", "Δsum drift", "{:+.0f}", 1)]
+          ("shift_sum", "Δsum abs shift", "{:+.2f}", 1), ("gap_sum", "Δsum gap", "{:+.0f}", 1),
+          ("drift_sum", "Δsum drift", "{:+.0f}", 1)]
 
 
 def delta_markdown(rows: list[dict]) -> str:
@@ -115,6 +123,9 @@ def delta_markdown(rows: list[dict]) -> str:
     for d in deltas:
         cells = [d["setting"], d["method"], d["arm"]]
         for k, _, f, sc in DELTAS:
+            if math.isnan(d[k]):
+                cells.append("")
+                continue
             ci = "" if math.isnan(d[f"{k}_ci"]) else f" ± {f.format(d[f'{k}_ci'] * sc)[1:]}"
             cells.append(f.format(d[k] * sc) + ci + (" *" if d[f"{k}_sig"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
@@ -139,7 +150,7 @@ def _describe(setting: str, backend, cfg: dict) -> str:
 
 
 def _keys(grid) -> tuple:
-    return METRICS + tuple(f"{k}_t{t}" for k in ("shift", "drift") for t in grid)
+    return METRICS + tuple(f"{k}_t{t}" for k in STEP_KEYS for t in grid)
 
 
 def _validate(cfg: dict):

@@ -36,12 +36,15 @@
 # - **covariate shift per step**: the Fréchet distance, in 8x8-pooled pixels, between the
 #   states a student visits at $t$ and forward-diffused data $q_t$ — the states forward-only
 #   training sees. The dotted line is the estimate's floor (two forward sets).
+#
+# With the defaults this takes about 35 minutes on a 2-core CPU, plus about 25 for the teacher
+# the first time (it is then loaded from `teacher_dir`). Measured numbers: `docs/image.md`.
 
 # %% tags=["parameters"]
 out_dir: str = "runs/notebooks/05_image_toy"  # figures and metrics.json go here
 data: str = "digits"  # "digits" (offline, 1x16x16) or "cifar10" (needs root)
 root: str = ""  # CIFAR-10 folder holding cifar-10-batches-py/ (for data "cifar10")
-teacher_dir: str = "runs/image_teacher_digits"  # teacher checkpoint: loaded/resumed/trained ("": RAM)
+teacher_dir: str = "runs/image_teacher_digits"  # teacher checkpoint folder ("": in memory)
 teacher_steps: int = 2000  # teacher training steps (when trained or resumed here)
 tiny_net: bool = False  # a tiny teacher UNet: quick runs only, not a usable teacher
 conditional: bool = False  # class-conditional students (else unconditional: classes are modes)

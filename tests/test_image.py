@@ -451,8 +451,12 @@ def _load_image_table():
 
 def test_image_table_quick_writes_table(tmp_path):
     mod = _load_image_table()
-    out = mod.main(["--quick", "--out", str(tmp_path), "--no-progress", "--methods", "lcm",
-                    "--arms", "baseline,ddil"])
+    threads = torch.get_num_threads()
+    try:
+        out = mod.main(["--quick", "--out", str(tmp_path), "--no-progress", "--methods", "lcm",
+                        "--arms", "baseline,ddil"])
+    finally:
+        torch.set_num_threads(threads)
     assert {Path(f).name for f in out["files"]} == {"results.json", "table.md", "samples.png",
                                                     "shift.png"}
     res = json.loads((tmp_path / "results.json").read_text())["results"]

@@ -69,6 +69,32 @@ def test_teacher_second_draw_is_the_noise_floor(ring):
     assert floor["mmd_x1e3"] < 10 < ddim4["mmd_x1e3"]
     assert floor["nll"] < ddim4["nll"] - 2
     assert all(abs(floor[f"shift_t{t}"]) < 0.1 for t in ref.grid)
+    assert all(floor[f"gap_t{t}"] < 60 for t in ref.grid)  # teacher states ~ q_t when unguided
+    # the exact teacher's x0 (a posterior mean) never leaves the support: reflection is a no-op
+    assert all(v == 0.0 for k, v in tx.support_violations(ring, ref).items()
+               if k.startswith("outside"))
+
+
+def test_paired_deltas_against_hand_computed():
+    rows = [{"setting": "s", "method": "pd", "arm": arm, "seed": seed, "nll": v}
+            for arm, vals in (("baseline", [1.0, 2.0, 3.0]), ("ddil", [0.5, 1.4, 2.5]))
+            for seed, v in enumerate(vals)]
+    (d,) = tx.paired_deltas(rows, ["nll"])
+    diffs = [-0.5, -0.6, -0.5]  # ddil - baseline, seed by seed
+    mu = sum(diffs) / 3
+    sd = (sum((x - mu) ** 2 for x in diffs) / 2) ** 0.5
+    assert d["arm"] == "ddil" and math.isclose(d["nll"], mu)
+    assert math.isclose(d["nll_ci"], 4.303 * sd / 3 ** 0.5) and d["nll_sig"]
+
+
+def test_reflected_dmd2_samples_inside_the_support(ring):
+    method, _ = tx.make_arm("dmd2", "reflected")
+    assert isinstance(method, tx.ReflectedDMD2)
+    method.setup(ring)
+    with torch.no_grad():
+        method.student.net.out.bias += 5.0  # push the raw generator far outside [-1, 1]
+    x = method.sample(torch.randn(256, 2)).sample
+    assert x.abs().max() <= 1.0
 
 
 def _finite(rows, keys):
@@ -87,13 +113,15 @@ def test_toy_table_quick_writes_csv_md_and_figures(tmp_path):
     assert len(students) == 12 and {r["arm"] for r in students} == set(tx.ARMS)
     grid = [999, 749, 500, 250]
     _finite(res["rows"], ["nll", "mmd_x1e3", "sw_x1e3", "tv", "off_mode", "shift_sum",
-                          "drift_sum"] + [f"shift_t{t}" for t in grid])
+                          "gap_sum", "drift_sum"] + [f"shift_t{t}" for t in grid])
     _finite(students, ["wall_s", "nfe_teacher", "nfe_student"])
     # DDIL's rollouts show up in its cost; PD's target costs 8 teacher evaluations per state
     pd = {r["arm"]: r for r in students if r["method"] == "pd"}
     assert pd["baseline"]["nfe_teacher"] == 8.0 and pd["ddil"]["nfe_teacher"] > 8.0
     md = (tmp_path / "table.md").read_text()
-    assert "| pd | ddil+reflected |" in md and "drift t=250" in md
+    assert "| pd | ddil+reflected |" in md and "drift t=250" in md and "ΔNLL" in md
+    again = table.main(["--deltas-from", str(tmp_path / "results.csv")])
+    assert "| ring8 | pd | ddil |" in again["markdown"]
     with pytest.raises(ValueError, match="arms="):
         table.run(str(tmp_path), quick=True, arms=("nope",))
 
