@@ -355,6 +355,7 @@ class TrainConfig:
     log_every: int = 1
     keep_checkpoints: int = 2
     shard_optimizer: bool = False
+    shared_plan: bool | None = None
 
     def validate(self, num_processes: int = 1) -> TrainConfig:
         kw = self.kwargs()

@@ -839,14 +839,16 @@ def run_stage(recipe, stage: Stage, index: int, backend, students: dict, monitor
         student = _load_student(method.student, done)
         log(f"stage {stage.name}: finished earlier, loaded {done}")
         return student, method, history
+    from .fsdp import settings_from
     from .train import distill
 
     sampler = StateSampler(**recipe.sampler_params(stage, backend.has_data))
     n_proc = accelerator.num_processes if accelerator is not None else 1
+    sharded = n_proc > 1 and settings_from(accelerator) is not None
     log(f"stage {stage.name}: {stage.steps} steps, {type(method).__name__}"
         f"(n_steps={stage.n_steps}, substeps={stage.substeps}), teacher={stage.teacher}, "
         f"init={stage.init}, priors={sampler.priors}, batch {recipe.batch_size} over "
-        f"{n_proc} process(es)")
+        f"{n_proc} process(es)" + (", modules sharded (FSDP)" if sharded else ""))
     kw = recipe.train_params(stage, index, os.path.join(d, "ckpt"))
     res = distill(view, method, sampler, **kw, callbacks=(monitor,), accelerator=accelerator)
     student = res.student

@@ -162,10 +162,11 @@ class StateSampler:
         return f
 
     @torch.no_grad()
-    def backward(self, backend, spec: StateSpec, student, source: str, n: int) -> States:
+    def backward(self, backend, spec: StateSpec, student, source: str, n: int,
+                 plan: torch.Generator | None = None) -> States:
         """n states from rollouts of ``source`` ("teacher", "student" or "mixed"), taken at the
-        grid points of ceil(n / len(grid)) trajectories."""
-        full = spec.grids[int(torch.randint(0, len(spec.grids), ()))]
+        grid points of ceil(n / len(grid)) trajectories. ``plan``: see ``sample``."""
+        full = spec.grids[int(torch.randint(0, len(spec.grids), (), generator=plan))]
         grid = full[full >= self.rollout_until]  # stop the rollout at the chosen noise level
         if len(grid) == 0:
             raise ValueError(f"rollout_until={self.rollout_until} leaves no grid timestep to roll out to")
@@ -177,7 +178,7 @@ class StateSampler:
                            fine_steps=len(full) * k if k > 1 else None)
         stud = spec.student_policy(self._counted(student, "student"))
         policy = {"teacher": teach, "student": stud,
-                  "mixed": MixedPolicy(teach, stud, self.p_student)}[source]
+                  "mixed": MixedPolicy(teach, stud, self.p_student, generator=plan)}[source]
         xs = []
         for i, t in enumerate(grid.tolist()):
             xs.append(x)
@@ -190,27 +191,35 @@ class StateSampler:
         return states.take(torch.randperm(len(x_t), device=x.device)[:n])
 
     # ---- a batch ----
-    def sample(self, backend, spec: StateSpec, student, n: int, step: int = 0) -> States:
-        """A batch of n states; the number from each source is multinomial(n, priors)."""
+    def sample(self, backend, spec: StateSpec, student, n: int, step: int = 0,
+               plan: torch.Generator | None = None) -> States:
+        """A batch of n states; the number from each source is multinomial(n, priors).
+
+        ``plan``: the random stream for the batch's *structure* (how many states per source,
+        which rollout grid, which samples the student moves in a mixed step); None: torch's
+        global stream. Processes that share a plan run the same sequence of student and teacher
+        calls, which sharded (FSDP) students need: each call is a collective. Noise and data
+        still come from each process's own stream."""
         p = torch.tensor([self.priors_at(step)[k] for k in PRIOR_NAMES])
-        counts = torch.bincount(torch.multinomial(p, n, replacement=True), minlength=4).tolist()
+        counts = torch.multinomial(p, n, replacement=True, generator=plan)
+        counts = torch.bincount(counts, minlength=4).tolist()
         parts = [self.forward(backend, spec, counts[0])] if counts[0] else []
         for src, c in zip(SOURCES[1:], counts[1:]):
             if c == 0:
                 continue
             if self.buffer_size:
-                self._refresh(backend, spec, student, src, step)
+                self._refresh(backend, spec, student, src, step, plan)
                 buf = self.buffer[src]
                 parts.append(buf.take(torch.randint(0, len(buf), (c,), device=buf.x_t.device)))
             else:
-                parts.append(self.backward(backend, spec, student, src, c))
+                parts.append(self.backward(backend, spec, student, src, c, plan))
         return States.cat(parts)
 
-    def _refresh(self, backend, spec, student, src, step):
+    def _refresh(self, backend, spec, student, src, step, plan=None):
         fresh = src not in self.buffer
         if fresh or step % self.refresh_every == 0:
             size = self.buffer_size if fresh else (self.refresh_size or self.buffer_size // 4)
-            new = self.backward(backend, spec, student, src, size)
+            new = self.backward(backend, spec, student, src, size, plan)
             old = self.buffer.get(src)
             buf = new if old is None else States.cat([new, old])
             self.buffer[src] = buf.take(torch.arange(min(len(buf), self.buffer_size)))

@@ -9,7 +9,7 @@ rollouts) and with or without reflected distillation (x0 clamped to the data sup
                      LCM: the student's own 3/4/5-step trajectories, as in the paper)
     reflected        baseline + x0 estimates clamped to the support [-1, 1]: the teacher's in
                      every method, also LCM's consistency target and DMD2's generator and
-                     critic (DMD2 then also samples clamped: ``ReflectedDMD2``)
+                     critic (DMD2 then also samples and rolls out clamped)
     ddil+reflected   both
 
 Seeds are trained as one batched ensemble (``EnsembleBackend``/``SeedEnsemble``): one
@@ -49,11 +49,11 @@ from torch import nn
 from .backends.base import Backend
 from .backends.toy2d import Toy2dBackend
 from .diffusion import NO_THRESHOLD, timesteps
-from .distill import DMD2, make_method
+from .distill import make_method
 from .distill.base import Method
 from .metrics import covariate_shift, mmd, mode_stats, nll, state_distance
 from .rollout import StateSampler
-from .sampling import ConsistencyPolicy, DDIMPolicy, Trajectory, sample, take_cond
+from .sampling import DDIMPolicy, Trajectory, sample, take_cond
 from .train import distill
 
 METHODS = ("pd", "lcm", "dmd2")
@@ -120,32 +120,14 @@ def make_sampler(method: str, ddil: bool, share: float = 0.5, buffer_size: int =
                         refresh_every=refresh_every, refresh_size=refresh_size)
 
 
-class ReflectedDMD2(DMD2):
-    """DMD2 whose student also *samples* with the thresholded x0 it is trained with.
-
-    Workaround: ``DMD2.losses`` clamps the generator's x0 (reflected=True), but
-    ``DMD2.student_policy`` samples (and rolls out for DDIL) with the raw x0. The clamp passes
-    no gradient outside the support, so raw outputs drift out of it unpenalised and appear at
-    inference (measured: 80-90% of guided samples outside [-1, 1]). Thresholding in the policy
-    makes training, DDIL rollouts and inference see the same student."""
-
-    def student_policy(self, student):
-        return ConsistencyPolicy(student, self.schedule, self.th)
-
-
 def make_arm(method: str, arm: str, n_steps: int = 4, method_kw: dict | None = None,
              **sampler_kw) -> tuple[Method, StateSampler]:
     """(Method, StateSampler) of one arm, e.g. ``make_arm("pd", "ddil+reflected")``.
-    ``method_kw`` overrides ``method_defaults``; ``sampler_kw`` go to ``make_sampler``.
-    Reflected DMD2 is ``ReflectedDMD2`` (it samples with the threshold it trains with)."""
+    ``method_kw`` overrides ``method_defaults``; ``sampler_kw`` go to ``make_sampler``."""
     if arm not in ARMS:
         raise ValueError(f"arm={arm!r} is not one of {ARMS}")
     kw = {**method_defaults(method, n_steps), **(method_kw or {})}
-    reflected = "reflected" in arm
-    if method == "dmd2" and reflected:
-        m = ReflectedDMD2(n_steps=n_steps, reflected=True, **kw)
-    else:
-        m = make_method(method, n_steps=n_steps, reflected=reflected, **kw)
+    m = make_method(method, n_steps=n_steps, reflected="reflected" in arm, **kw)
     return m, make_sampler(method, "ddil" in arm, **sampler_kw)
 
 
@@ -665,7 +647,6 @@ __all__ = [
     "EnsembleBackend",
     "MemberView",
     "Reference",
-    "ReflectedDMD2",
     "SeedEnsemble",
     "SettingResult",
     "TeacherSampler",

@@ -43,13 +43,23 @@ from .checkpoint import (
     unshare,
 )
 from .distill.base import Method
+from .fsdp import (
+    Sharded,
+    full_state,
+    load_module,
+    load_optimizer,
+    local,
+    settings_from,
+    swap_modules,
+)
 from .rollout import SOURCES, States, StateSampler
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 ON_NONFINITE = ("raise", "skip")
 LOG_FILE = "history.jsonl"
 # settings a resumed run must share with the checkpoint it resumes (else it is another run)
-RESUME_MUST_MATCH = ("method", "method_config", "sampler", "batch_size", "seed", "num_processes")
+RESUME_MUST_MATCH = ("method", "method_config", "sampler", "batch_size", "seed", "num_processes",
+                     "shared_plan")
 
 
 class NonFiniteError(FloatingPointError):
@@ -97,7 +107,8 @@ def check_distill_args(steps: int = 1000, batch_size: int = 256, lr: float = 1e-
                        ema_decay: float | None = None, seed: int = 0, out_dir: str | None = None,
                        ckpt_every: int = 0, resume: bool = False, on_nonfinite: str = "raise",
                        eval_every: int = 0, log_every: int = 1, keep_checkpoints: int = 2,
-                       num_processes: int = 1, shard_optimizer: bool = False) -> None:
+                       num_processes: int = 1, shard_optimizer: bool = False,
+                       shared_plan: bool | None = None, fsdp: bool = False) -> None:
     """Check ``distill``'s settings before any work starts; raise ``ValueError`` naming the
     parameter, its value and what is allowed."""
     def need(ok, name, value, allowed, why=""):
@@ -134,6 +145,11 @@ def check_distill_args(steps: int = 1000, batch_size: int = 256, lr: float = 1e-
         need(nonneg_int(v), name, v, "an int >= 0")
     need(pos_int(log_every), "log_every", log_every, "a positive int")
     need(isinstance(shard_optimizer, bool), "shard_optimizer", shard_optimizer, "True or False")
+    need(shared_plan in (None, True, False), "shared_plan", shared_plan, "None, True or False")
+    need(not (fsdp and shard_optimizer), "shard_optimizer", shard_optimizer, "False under FSDP",
+         "FSDP already shards the optimizer state (and the parameters and gradients)")
+    need(not (fsdp and shared_plan is False), "shared_plan", shared_plan, "None or True under FSDP",
+         "sharded modules are called collectively, so every process must follow one plan")
     need(bool(out_dir) or not (ckpt_every or resume), "out_dir", out_dir,
          "a folder for checkpoints", "ckpt_every > 0 or resume=True writes / reads checkpoints")
     need(batch_size % num_processes == 0, "batch_size", batch_size,
@@ -154,6 +170,8 @@ class DistillResult:
     last_checkpoint: str | None = None  # the newest checkpoint of this run (any process)
     rank: int = 0
     num_processes: int = 1
+    sharded: bool = False  # trained with FSDP (the modules here are gathered again)
+    local_params: int = 0  # trainable parameter elements this process held while training
 
     @property
     def student(self) -> nn.Module:
@@ -167,6 +185,11 @@ class DistillResult:
 # ---------------------------------------------------------------------------------------------
 # several processes
 # ---------------------------------------------------------------------------------------------
+def plan_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s shared plan (the same on every process; nothing to save)."""
+    return (seed * 1_000_003 + step + 1) % (2 ** 63)
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The torch seed of process ``rank`` > 0 (process 0 keeps the stream seeded by ``seed``,
     so a one-process run is the same as a run without accelerate)."""
@@ -183,12 +206,15 @@ class Processes:
         self.world = accelerator.num_processes if accelerator is not None else 1
         self.device = accelerator.device if accelerator is not None else torch.device("cpu")
         self.is_main = self.rank == 0
+        self.fsdp = None  # FSDPSettings when the modules are sharded
         if self.world > 1:
             kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
-            if kind in ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA"):
+            if kind in ("DEEPSPEED", "MEGATRON_LM", "XLA"):
                 raise ValueError(f"accelerate distributed_type={kind} is not supported by "
-                                 "distill: it trains data-parallel (DDP-style, "
-                                 "experiments/configs/accelerate_ddp.yaml); see docs/robust.md")
+                                 "distill; allowed: MULTI_GPU / MULTI_CPU (data-parallel, "
+                                 "experiments/configs/accelerate_ddp.yaml) or FSDP "
+                                 "(experiments/configs/accelerate_fsdp.yaml); see docs/robust.md")
+            self.fsdp = settings_from(accelerator)
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.world > 1:
@@ -216,8 +242,9 @@ class Processes:
 
     def average_gradients(self, params: list) -> list:
         """Average the gradients of ``params`` over processes (in place); return the parameters
-        that have a gradient on any process (a missing one counts as zero)."""
-        if self.world == 1:
+        that have a gradient on any process (a missing one counts as zero). Sharded (FSDP)
+        parameters arrive averaged: their backward reduce-scatters the gradients."""
+        if self.world == 1 or self.fsdp is not None:
             return [p for p in params if p.grad is not None]
         import torch.distributed as dist
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
@@ -233,6 +260,14 @@ class Processes:
             for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
                 g.copy_(part.view_as(g))
         return live
+
+    def mean_logs(self, logs: dict) -> dict:
+        """The numbers a method logged, averaged over processes (each saw its share)."""
+        keys = [k for k, v in logs.items() if isinstance(v, (int, float))]
+        if self.world == 1 or not keys:
+            return logs
+        t = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.device)
+        return {**logs, **dict(zip(keys, (self.all_reduce(t) / self.world).tolist()))}
 
     def same_everywhere(self, value: int) -> bool:
         """Whether every process holds the same int."""
@@ -395,10 +430,10 @@ def _loss_fault(loss, states, group, logs) -> tuple[str, str, list[str]]:
 def _grad_fault(module: nn.Module, states, group) -> tuple[str, str, list[str]]:
     """(what, term, sources) of a non-finite gradient, naming the first bad parameter."""
     name = next((n for n, p in module.named_parameters()
-                 if p.grad is not None and not torch.isfinite(p.grad).all()), "?")
+                 if p.grad is not None and not torch.isfinite(local(p.grad)).all()), "?")
     srcs = _sources(states.source)
     grad = dict(module.named_parameters()).get(name)
-    kind = _kind(grad.grad) if grad is not None else "nan/inf"
+    kind = _kind(local(grad.grad)) if grad is not None and grad.grad is not None else "nan/inf"
     what = (f"the {group} gradient is non-finite ({kind}) in parameter {name!r}; the batch held "
             f"states from source(s): {', '.join(srcs)}")
     return what, f"{group} gradient", srcs
@@ -415,7 +450,7 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
             on_nonfinite: str = "raise", callbacks: tuple = (), eval_every: int = 0,
             progress: bool = True, log_every: int = 1, keep_checkpoints: int = 2,
             shard_optimizer: bool = False, accelerator=None,
-            optimizer_class=None) -> DistillResult:
+            optimizer_class=None, shared_plan: bool | None = None) -> DistillResult:
     """Distil ``backend.teacher`` into a student with ``method``, on states from ``sampler``.
 
     :param sampler: where states come from; None = forward diffusion only (no DDIL).
@@ -431,7 +466,8 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
         state sources; the last good checkpoint is kept) or "skip" (skip that update, count it in
         ``result.skipped`` and the step's ``history`` entry).
     :param callbacks: functions ``f(step, result)`` called every ``eval_every`` steps (on
-        process 0 only).
+        process 0 only; under FSDP on every process, since calling the sharded student is a
+        collective).
     :param optimizer_class: the optimizer (default ``torch.optim.AdamW``), e.g.
         ``bitsandbytes.optim.AdamW8bit`` for 8-bit Adam; it is called as ``cls(params, lr=...,
         weight_decay=...)``.
@@ -440,7 +476,12 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
         SDXL-size students (and DMD2's critic) train on 80 GB GPUs. Checkpoints hold the full
         optimizer state either way, so a run may resume with the other setting.
     :param accelerator: an ``accelerate.Accelerator`` for runs under ``accelerate launch``
-        (several processes: gradients averaged across them, see the module docstring).
+        (several processes: gradients averaged across them, see the module docstring). With an
+        FSDP config the trained and kept modules are sharded (``ddil_lab.fsdp``); the result then
+        holds ordinary, gathered modules again.
+    :param shared_plan: draw each batch's structure (states per source, rollout grid, mixed-step
+        choices) from a stream shared by all processes (seeded by seed and step) instead of each
+        process's own. None: only under FSDP, which needs it.
     """
     from tqdm.auto import tqdm
 
@@ -452,7 +493,8 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
         seed=seed, out_dir=out_dir, ckpt_every=ckpt_every, resume=resume,
         on_nonfinite=on_nonfinite, eval_every=eval_every, log_every=log_every,
         keep_checkpoints=keep_checkpoints, num_processes=procs.world,
-        shard_optimizer=shard_optimizer)
+        shard_optimizer=shard_optimizer, shared_plan=shared_plan, fsdp=procs.fsdp is not None)
+    shared_plan = procs.fsdp is not None if shared_plan is None else shared_plan
     sampler.check_backend(backend)
     local_batch = batch_size // procs.world
 
@@ -461,6 +503,11 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
     spec = method.spec()
     groups = method.trainable()
     procs.broadcast_modules(method.modules())
+    ema = EMA(method.student, ema_decay) if ema_decay else None
+    sharded = None
+    if procs.fsdp is not None:  # parameters are replaced by shards: collect them afterwards
+        sharded = Sharded(list(method.modules().values()) + ([ema.module] if ema else []),
+                          procs.fsdp)
     trainable = {g: [p for p in m.parameters() if p.requires_grad] for g, m in groups.items()}
     opts = {g: procs.adamw(trainable[g], lr=(critic_lr or lr) if g != "student" else lr,
                            weight_decay=weight_decay, shard=shard_optimizer, cls=optimizer_class)
@@ -468,8 +515,10 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
     scheds = {g: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(lr_schedule, warmup, steps))
               for g, o in opts.items()}
     result = DistillResult(method, sampler, out_dir=out_dir, rank=procs.rank,
-                           num_processes=procs.world)
-    result.ema = EMA(method.student, ema_decay) if ema_decay else None
+                           num_processes=procs.world, sharded=sharded is not None,
+                           local_params=sum(local(p).numel() for ps in trainable.values()
+                                            for p in ps))
+    result.ema = ema
     if procs.rank > 0:  # each process draws its own share of the batch
         seed_everything(rank_seed(seed, procs.rank))
     config = _jsonable({
@@ -478,7 +527,8 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
                     if isinstance(v, (int, float, str, bool, type(None)))},
         "steps": steps, "batch_size": batch_size, "lr": lr, "critic_lr": critic_lr,
         "seed": seed, "priors": sampler.priors, "ema_decay": ema_decay,
-        "num_processes": procs.world})
+        "num_processes": procs.world, "shared_plan": shared_plan,
+        "fsdp": procs.fsdp is not None})
 
     def shared_state() -> dict:  # identical on every process
         st = {"modules": {k: m.state_dict() for k, m in method.modules().items()},
@@ -494,16 +544,16 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
         path, st, meta = found
         _check_resumable(path, meta, config, st, result.ema is not None)
         for k, m in method.modules().items():
-            m.load_state_dict(st["modules"][k])
+            load_module(m, st["modules"][k])
         for g, o in opts.items():
-            o.load_state_dict(st["opt"][g])
+            load_optimizer(o, st["opt"][g])
         for g, s in scheds.items():  # the lr of this step under this run's schedule
             s.load_state_dict(st["sched"][g])
             for pg, base, lam in zip(opts[g].param_groups, s.base_lrs, s.lr_lambdas):
                 pg["lr"] = base * lam(s.last_epoch)
             s._last_lr = [pg["lr"] for pg in opts[g].param_groups]
         if result.ema is not None:
-            result.ema.module.load_state_dict(st["ema"])
+            load_module(result.ema.module, st["ema"])
         device = next(method.student.parameters()).device  # where states live in this run
         _load_process_state(sampler, st["processes"][procs.rank], device)
         result.history, result.skipped = meta["history"], meta.get("skipped", 0)
@@ -521,8 +571,10 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
     def checkpoint(step):
         procs.consolidate(opts.values())
         per_process = procs.gather_states(_process_state(sampler))
+        shared = full_state(shared_state()) if sharded is not None else None  # collective
         if procs.is_main:
-            path = save_checkpoint(out_dir, step, {**shared_state(), "processes": per_process},
+            shared = shared or shared_state()
+            path = save_checkpoint(out_dir, step, {**shared, "processes": per_process},
                                    {"config": config, "history": result.history,
                                     "skipped": result.skipped}, keep=keep_checkpoints)
             result.checkpoints.append(path)
@@ -535,7 +587,8 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
     t0 = time.time()
     try:
         for step in bar:
-            states = sampler.sample(backend, spec, method.student, local_batch, step)
+            plan = torch.Generator().manual_seed(plan_seed(seed, step)) if shared_plan else None
+            states = sampler.sample(backend, spec, method.student, local_batch, step, plan=plan)
             rec: dict = {"step": step + 1}
             for group, loss, logs in method.losses(states):
                 loss_d = loss.detach()
@@ -548,13 +601,14 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
                 loss.mean().backward()
                 params = procs.average_gradients(trainable[group])
                 norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
                 if not torch.isfinite(norm):
                     _nonfinite(_grad_fault(groups[group], states, group), step, method,
                                on_nonfinite, result, rec)
                     continue
                 opts[group].step()
                 _record(rec, group, loss_d, states.source, stats, procs.world)
-                rec.update({f"{group}/{k}": v for k, v in logs.items()})
+                rec.update({f"{group}/{k}": v for k, v in procs.mean_logs(logs).items()})
             for s in scheds.values():
                 s.step()
             method.after_step()
@@ -573,7 +627,7 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
                 bar.set_postfix(loss=f"{rec['loss/student']:.4g}")
             if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == steps):
                 checkpoint(step + 1)
-            if eval_every and (step + 1) % eval_every == 0 and procs.is_main:
+            if eval_every and (step + 1) % eval_every == 0 and (procs.is_main or sharded is not None):
                 for cb in callbacks:
                     cb(step + 1, result)
     finally:
@@ -581,6 +635,11 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
             log.close()
         bar.close()
     result.wall_time = time.time() - t0
+    if sharded is not None:  # hand back ordinary modules with the gathered weights
+        plain = sharded.unshard()
+        swap_modules(method, plain)
+        if result.ema is not None:
+            swap_modules(result.ema, plain)
     return result
 
 

@@ -5,6 +5,8 @@ on one GPU or on many under accelerate: the same ``ddil_lab.recipes.run_full`` a
     python experiments/train_full.py --config experiments/configs/pd.yaml
     accelerate launch --config_file experiments/configs/accelerate_ddp.yaml \\
         experiments/train_full.py --config experiments/configs/pd.yaml
+    accelerate launch --config_file experiments/configs/accelerate_fsdp.yaml \\
+        experiments/train_full.py --config experiments/configs/dmd2.yaml   # sharded (SDXL-size)
     python experiments/train_full.py --config experiments/configs/lcm.yaml --check
     python experiments/train_full.py --config experiments/configs/lcm.yaml \\
         --set model_id=tiny max_steps=2 n_steps=2 --out runs/lcm_tiny
@@ -15,7 +17,8 @@ cells list them with help). ``--set key=value`` overrides (values parsed as YAML
 sets ``out_dir``, ``--resume`` continues the run in ``out_dir`` (finished stages are loaded, the
 unfinished one resumes from its newest checkpoint). Under ``accelerate launch`` with several
 processes every process trains on its share of the global ``batch_size`` (gradients averaged by
-``distill``); process 0 writes the sample grids, the loss plot, the exported pipeline and the
+``distill``; with the FSDP config the modules are sharded too, see ``ddil_lab.fsdp``);
+process 0 writes the sample grids, the loss plot, the exported pipeline and the
 metrics. A bad setting exits with status 2 and a message naming each bad parameter, a
 non-finite loss or gradient with status 3.
 """

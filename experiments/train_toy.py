@@ -101,7 +101,8 @@ def write_process_files(folder: str, result):
     with open(os.path.join(folder, f"process{r}.json"), "w") as f:
         json.dump({"rank": r, "num_processes": result.num_processes, "history": result.history,
                    "checkpoints_written": result.checkpoints, "skipped": result.skipped,
-                   "resumed_from": result.resumed_from}, f)
+                   "resumed_from": result.resumed_from, "sharded": result.sharded,
+                   "local_params": result.local_params}, f)
 
 
 def write_outputs(out: str, cfg, backend, result, seconds: float):

@@ -44,7 +44,7 @@ def _papermill(nb: str, out: Path, params: dict) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "papermill", str(NOTEBOOKS / nb), str(out), "-y",
-           yaml.safe_dump(params), "-k", "python3", "--cwd", str(ROOT), "--no-progress-bar"]
+           yaml.safe_dump(params), "-k", "python3", "--cwd", str(ROOT), "--no-progress-bar", "--start-timeout", "600"]  # kernels start slowly under load
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -263,9 +263,12 @@ def test_resume_loads_finished_stages(runs, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_train_full_under_accelerate_with_two_processes(tmp_path):
-    """``accelerate launch`` of train_full.py with the shipped DDP config, two CPU processes
-    (gloo): process 0 writes the grids, the pipeline and the metrics."""
+@pytest.mark.parametrize("kind,method,extra", [("ddp", "lcm", []),
+                                               ("fsdp", "dmd2", ["gan_weight=0.1"])])
+def test_train_full_under_accelerate_with_two_processes(tmp_path, kind, method, extra):
+    """``accelerate launch`` of train_full.py with the shipped DDP or FSDP config, two CPU
+    processes (gloo): process 0 writes the grids, the pipeline and the metrics. FSDP: DMD2's
+    SDXL-shaped student, critic and GAN head sharded by the config's UNet blocks."""
     import socket
 
     with socket.socket() as s:
@@ -273,17 +276,18 @@ def test_train_full_under_accelerate_with_two_processes(tmp_path):
         port = s.getsockname()[1]
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(CONFIGS / "accelerate_ddp.yaml"), "--num_processes", "2",
+           "--config_file", str(CONFIGS / f"accelerate_{kind}.yaml"), "--num_processes", "2",
            "--main_process_port", str(port), str(ROOT / "experiments" / "train_full.py"),
-           "--config", str(CONFIGS / "lcm.yaml"), "--out", str(out), "--set", "model_id=tiny",
+           "--config", str(CONFIGS / f"{method}.yaml"), "--out", str(out), "--set", "model_id=tiny",
            "data=null", "latent_cache=null", "eval_captions=null", "fid_reference=null",
            "max_steps=2", "n_steps=2", "batch_size=4", "mixed_precision=no",
            "gradient_checkpointing=false", "n_eval=4", "lpips_prompts=2", "lpips_seeds=2",
-           "sample_every=1", "log_every=1", "progress=false"]
+           "sample_every=1", "log_every=1", "progress=false", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "over 2 process(es)" in (out / "log.txt").read_text()
+    log = (out / "log.txt").read_text()
+    assert "over 2 process(es)" in log and ("modules sharded (FSDP)" in log) == (kind == "fsdp")
     assert (out / "pipeline" / "model_index.json").is_file()
     assert json.loads((out / "eval" / "metrics.json").read_text())["n_images"] == 4
     assert len(list((out / "samples").glob("*.png"))) == 2

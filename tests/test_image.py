@@ -480,7 +480,7 @@ def test_notebook_05_runs_under_papermill(tmp_path):
                   classifier_steps=20, diversity="features")
     pm.execute_notebook(str(ROOT / "notebooks" / "05_image_toy.ipynb"),
                         str(tmp_path / "out.ipynb"), parameters=params, kernel_name="python3",
-                        cwd=str(ROOT), progress_bar=False)
+                        cwd=str(ROOT), progress_bar=False, start_timeout=600)
     rec = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(rec["figures"]) == {"teacher", "samples", "shift"}
     assert all(Path(p).stat().st_size > 2000 for p in rec["figures"].values())

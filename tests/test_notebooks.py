@@ -109,7 +109,7 @@ def executed(tmp_path_factory):
         params = {**params, "out_dir": str(out_dir), "widgets": True}
         cmd = [sys.executable, "-m", "papermill", os.path.join(NB_DIR, f"{name}.ipynb"),
                str(out_nb), "-y", json.dumps(params), "-k", "python3", "--cwd", ROOT,
-               "--no-progress-bar"]
+               "--no-progress-bar", "--start-timeout", "600"]  # slow kernel starts under load
         log = base / f"{name}.log"
         with open(log, "w") as f:
             procs[name] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env),

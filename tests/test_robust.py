@@ -502,14 +502,14 @@ class TwoProcessSampler(StateSampler):
         super().__init__(**kw)
         self.seed, self.streams = seed, None
 
-    def sample(self, backend, spec, student, n, step=0):
+    def sample(self, backend, spec, student, n, step=0, plan=None):
         if self.streams is None:
             self.streams = [torch.get_rng_state(),
                             torch.Generator().manual_seed(rank_seed(self.seed, 1)).get_state()]
         parts = []
         for r in (0, 1):
             torch.set_rng_state(self.streams[r])
-            parts.append(super().sample(backend, spec, student, n // 2, step))
+            parts.append(super().sample(backend, spec, student, n // 2, step, plan))
             self.streams[r] = torch.get_rng_state()
         torch.set_rng_state(self.streams[0])
         return States.cat(parts)

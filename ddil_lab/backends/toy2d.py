@@ -229,15 +229,20 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.out = nn.Linear(hidden, d)
 
-    def features(self, x_t, t, cond=None) -> torch.Tensor:
+    def _features(self, x_t, t, cond=None) -> torch.Tensor:
         h = time_embedding(t, self.temb)
         if self.cemb is not None:
             c = torch.full((x_t.shape[0],), -1, device=x_t.device) if cond is None else cond
             h = h + self.cemb(torch.where(c < 0, self.num_classes, c))
         return self.body(torch.cat([x_t.float(), h], 1))
 
+    def features(self, x_t, t, cond=None) -> torch.Tensor:
+        """The last hidden layer (for a GAN head on DMD2's critic). A separate entry point:
+        sharded (FSDP) training hooks it like ``forward``, so ``forward`` must not call it."""
+        return self._features(x_t, t, cond)
+
     def forward(self, x_t, t, cond=None):
-        return self.out(self.features(x_t, t, cond))
+        return self.out(self._features(x_t, t, cond))
 
 
 def train_denoiser(gmm: GMM, schedule: Schedule, steps: int = 3000, batch: int = 512,
