@@ -15,6 +15,8 @@ modules, draws its own share of the global batch with its own random stream, and
 are averaged across processes before clipping and the optimizer step (what DDP does, done here on
 the gradients so that Methods keep calling ``self.student(...)`` directly). Updates are then
 identical on every process; only process 0 writes checkpoints, the log and the progress bar.
+With accelerate's FSDP config the modules are sharded instead of copied (``ddil_lab.fsdp``) and
+every process follows one shared plan of rollouts.
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
 """Sharded training (FSDP2) under accelerate: the shipped FSDP config, on two CPU processes
 (gloo), trains exactly like data-parallel training that follows the same shared plan, resumes
 from its own checkpoints, and each process holds half of the trainable parameters."""
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
+from launching import CONFIGS, finish, gloo, launch, per_process
 
 from ddil_lab.backends.toy2d import MLP
 from ddil_lab.checkpoint import flatten_state, latest_checkpoint, load_checkpoint
@@ -17,10 +14,6 @@ from ddil_lab.fsdp import FSDPSettings, _units, settings_from
 from ddil_lab.rollout import StateSampler, StateSpec
 from ddil_lab.sampling import DDIMPolicy
 from ddil_lab.train import check_distill_args
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = os.path.join(ROOT, "experiments")
-CONFIGS = os.path.join(EXPERIMENTS, "configs")
 
 # DMD2 with its critic, GAN head (a registered `features` call), EMA, mixed and student
 # rollouts through the buffer; LCM with its EMA target.
@@ -44,41 +37,10 @@ LCM_RUN = {
 }
 
 
-def _gloo() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_gloo_available()
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(kind, config, out, per, sets=(), resume=False):
-    """Two processes of train_toy.py under ``accelerate launch`` with the shipped config of
-    ``kind`` ("fsdp": every Linear its own unit, so one MLP is several units)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", os.path.join(CONFIGS, f"accelerate_{kind}.yaml")]
-    if kind == "fsdp":
-        cmd += ["--fsdp_transformer_layer_cls_to_wrap", "Linear"]
-    cmd += ["--num_processes", "2", "--main_process_port", str(_port()),
-            os.path.join(EXPERIMENTS, "train_toy.py"), "--config", config, "--out", str(out),
-            "--per-process-dir", str(per)] + (["--resume"] if resume else []) \
-        + (["--set", *sets] if sets else [])
-    return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _finish(proc):
-    log, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, log.decode()[-4000:]
-
-
-def _per_process(per):
-    from safetensors.torch import load_file
-    return ([load_file(str(per / f"process{r}.safetensors")) for r in (0, 1)],
-            [json.loads((per / f"process{r}.json").read_text()) for r in (0, 1)])
+def _launch_fsdp(config, out, per, sets=(), resume=False):
+    """The shipped FSDP config with every Linear its own unit (an MLP is then several units)."""
+    return launch(config, out, per, sets, resume, kind="fsdp",
+                  launch_args=["--fsdp_transformer_layer_cls_to_wrap", "Linear"])
 
 
 def _checkpoint(out):
@@ -92,18 +54,18 @@ def _checkpoint(out):
 def launches(tmp_path_factory):
     """All launches start at once (they mostly wait for imports): DMD2 under FSDP for half
     the run (the test resumes it), and its data-parallel reference; LCM under both."""
-    if not _gloo():
+    if not gloo():
         pytest.skip("torch.distributed with gloo is not available")
     tmp = tmp_path_factory.mktemp("fsdp")
     cfg = {}
     for name, run in (("dmd2", DMD2_RUN), ("lcm", LCM_RUN)):
         cfg[name] = str(tmp / f"{name}.yaml")
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(run))
-    procs = {"fsdp_dmd2": _launch("fsdp", cfg["dmd2"], tmp / "fsdp_dmd2", tmp / "per_fsdp_dmd2_1",
+    procs = {"fsdp_dmd2": _launch_fsdp(cfg["dmd2"], tmp / "fsdp_dmd2", tmp / "per_fsdp_dmd2_1",
                                   ["train.steps=3"]),
-             "ddp_dmd2": _launch("ddp", cfg["dmd2"], tmp / "ddp_dmd2", tmp / "per_ddp_dmd2"),
-             "fsdp_lcm": _launch("fsdp", cfg["lcm"], tmp / "fsdp_lcm", tmp / "per_fsdp_lcm"),
-             "ddp_lcm": _launch("ddp", cfg["lcm"], tmp / "ddp_lcm", tmp / "per_ddp_lcm")}
+             "ddp_dmd2": launch(cfg["dmd2"], tmp / "ddp_dmd2", tmp / "per_ddp_dmd2"),
+             "fsdp_lcm": _launch_fsdp(cfg["lcm"], tmp / "fsdp_lcm", tmp / "per_fsdp_lcm"),
+             "ddp_lcm": launch(cfg["lcm"], tmp / "ddp_lcm", tmp / "per_ddp_lcm")}
     yield tmp, cfg, procs
     for p in procs.values():
         if p.poll() is None:
@@ -124,14 +86,14 @@ def test_fsdp_trains_like_ddp_with_the_same_plan_and_resumes(launches):
     losses, weights and checkpoint, module states and optimizer moments included); the
     processes agree; only process 0 writes; each process held half the trainable parameters."""
     tmp, cfg, procs = launches
-    _finish(procs["fsdp_dmd2"])
-    w, info = _per_process(tmp / "per_fsdp_dmd2_1")
+    finish(procs["fsdp_dmd2"])
+    w, info = per_process(tmp / "per_fsdp_dmd2_1")
     assert len(info[0]["history"]) == 3 and info[0]["sharded"]
-    resume = _launch("fsdp", cfg["dmd2"], tmp / "fsdp_dmd2", tmp / "per_fsdp_dmd2", resume=True)
-    _finish(procs["ddp_dmd2"])
-    _finish(resume)
-    w, info = _per_process(tmp / "per_fsdp_dmd2")
-    w_ddp, info_ddp = _per_process(tmp / "per_ddp_dmd2")
+    resume = _launch_fsdp(cfg["dmd2"], tmp / "fsdp_dmd2", tmp / "per_fsdp_dmd2", resume=True)
+    finish(procs["ddp_dmd2"])
+    finish(resume)
+    w, info = per_process(tmp / "per_fsdp_dmd2")
+    w_ddp, info_ddp = per_process(tmp / "per_ddp_dmd2")
     assert info[1]["resumed_from"] == str(tmp / "fsdp_dmd2" / "step_0000003")
     assert info[0]["history"] == info[1]["history"]
     assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
@@ -159,10 +121,10 @@ def test_fsdp_trains_like_ddp_with_the_same_plan_and_resumes(launches):
 @pytest.mark.multiprocess
 def test_fsdp_lcm_with_its_target_network_trains_like_ddp(launches):
     tmp, _, procs = launches
-    _finish(procs["fsdp_lcm"])
-    _finish(procs["ddp_lcm"])
-    w, info = _per_process(tmp / "per_fsdp_lcm")
-    w_ddp, _ = _per_process(tmp / "per_ddp_lcm")
+    finish(procs["fsdp_lcm"])
+    finish(procs["ddp_lcm"])
+    w, info = per_process(tmp / "per_fsdp_lcm")
+    w_ddp, _ = per_process(tmp / "per_ddp_lcm")
     assert info[0]["sharded"] and info[0]["history"] == info[1]["history"]
     _assert_same_weights(w[0], w_ddp[0])
     t_fsdp, _ = _checkpoint(tmp / "fsdp_lcm")

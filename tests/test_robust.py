@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 sys.path.insert(0, EXPERIMENTS)
 import train_toy
+from launching import finish, gloo, launch, per_process
 
 # Every piece of state a checkpoint must carry: DMD2's critic + GAN head and two optimizers,
 # EMA, a warmup + cosine schedule, mixed / student rollouts and the aggregation buffer.
@@ -132,9 +132,9 @@ def background(request, tmp_path_factory):
            "two": _write(tmp, "two", TWO_PROC_RUN)}
     procs = {"outside": _child("slow", 0, cfg["dmd2"], str(tmp / "killed_dmd2")),
              "in_save": _child("in_save", 3, cfg["lcm"], str(tmp / "killed_lcm"))}  # dies writing step 15
-    if _gloo() and any(i.get_closest_marker("multiprocess") for i in request.session.items):
+    if gloo() and any(i.get_closest_marker("multiprocess") for i in request.session.items):
         # half the run, with the optimizer sharded (ZeRO-1); the test resumes it unsharded
-        procs["launch1"] = _launch(cfg["two"], tmp / "two", tmp / "per1",
+        procs["launch1"] = launch(cfg["two"], tmp / "two", tmp / "per1",
                                    ["train.steps=6", "train.shard_optimizer=true"])
     yield tmp, cfg, procs
     for p in procs.values():
@@ -483,17 +483,6 @@ def test_valid_config_round_trips(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # two processes under accelerate
 # ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gloo() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_gloo_available()
-
-
 class TwoProcessSampler(StateSampler):
     """Draws a global batch the way two processes do: half from process 0's random stream,
     half from process 1's (seeded with ``rank_seed``)."""
@@ -525,31 +514,8 @@ TWO_PROC_RUN = {
 }
 
 
-def _launch(config, out, per, sets=(), resume=False):
-    """``accelerate launch`` of train_toy.py with two processes and the shipped DDP config."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", os.path.join(EXPERIMENTS, "configs", "accelerate_ddp.yaml"),
-           "--num_processes", "2", "--main_process_port", str(_free_port()),
-           os.path.join(EXPERIMENTS, "train_toy.py"), "--config", config, "--out", str(out),
-           "--per-process-dir", str(per)] + (["--resume"] if resume else []) \
-        + (["--set", *sets] if sets else [])
-    return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _finish(proc):
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, log.decode()[-3000:]
-
-
-def _per_process(per):
-    from safetensors.torch import load_file
-    return ([load_file(str(per / f"process{r}.safetensors")) for r in (0, 1)],
-            [json.loads((per / f"process{r}.json").read_text()) for r in (0, 1)])
-
-
 @pytest.mark.multiprocess
-@pytest.mark.skipif(not _gloo(), reason="torch.distributed with gloo is not available")
+@pytest.mark.skipif(not gloo(), reason="torch.distributed with gloo is not available")
 def test_two_accelerate_processes_match_one_process_with_the_same_global_batch(background, ring):
     """Two CPU processes under ``accelerate launch`` (gloo): the first launch trains 6 of 12 steps
     with a sharded optimizer (ZeRO-1), the second resumes it unsharded. The processes agree
@@ -557,11 +523,11 @@ def test_two_accelerate_processes_match_one_process_with_the_same_global_batch(b
     batch up to float summation order."""
     tmp, cfg, procs = background
     out = tmp / "two"
-    _finish(procs["launch1"])
-    w, info = _per_process(tmp / "per1")
+    finish(procs["launch1"])
+    w, info = per_process(tmp / "per1")
     assert info[0]["history"] == info[1]["history"] and len(info[0]["history"]) == 6
     assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
-    launch2 = _launch(cfg["two"], out, tmp / "per2", resume=True)
+    launch2 = launch(cfg["two"], out, tmp / "per2", resume=True)
 
     # meanwhile, one process drawing the same global batch as the two
     t = TWO_PROC_RUN["train"]
@@ -569,8 +535,8 @@ def test_two_accelerate_processes_match_one_process_with_the_same_global_batch(b
     one = distill(ring, PD(substeps=2), sampler, steps=t["steps"], batch_size=t["batch_size"],
                   lr=t["lr"], ema_decay=t["ema_decay"], seed=t["seed"], progress=False)
 
-    _finish(launch2)
-    w, info = _per_process(tmp / "per2")
+    finish(launch2)
+    w, info = per_process(tmp / "per2")
     assert info[1]["resumed_from"] == str(out / "step_0000006")
     # the processes agree exactly: same losses, same weights
     assert info[0]["history"] == info[1]["history"]

@@ -86,7 +86,12 @@ def covariate_shift(x_t: torch.Tensor, t: int, gmm, schedule: Schedule, label=No
                     n_ref: int = 20000, seed: int = 0) -> float:
     """E[-log q_t(x_t | c)] over the given states minus the same over forward samples of q_t
     (with the same class labels, if any). Positive: the states sit where training data at t is
-    rare; about 0: no covariate shift. Forward samples estimate the entropy of q_t."""
+    rare; about 0: no covariate shift. Forward samples estimate the entropy of q_t.
+
+    It is a cross-entropy minus an entropy, so it is signed and one-sided: states piled onto the
+    densest part of q_t (a collapsed, over-concentrated student) score *below* 0 although they
+    are shifted too. Read it with a two-sided distance between the state sets, e.g.
+    ``state_distance`` to forward states of q_t (the ``gap_t`` columns of ``toy_experiments``)."""
     g = torch.Generator().manual_seed(seed)
     if label is not None:
         ref_label = torch.as_tensor(label)[torch.randint(0, len(x_t), (n_ref,), generator=g)]
