@@ -6,6 +6,11 @@ import socket
 import subprocess
 import sys
 
+import torch
+
+from ddil_lab.rollout import States, StateSampler
+from ddil_lab.train import rank_seed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 CONFIGS = os.path.join(EXPERIMENTS, "configs")
@@ -45,3 +50,28 @@ def per_process(per):
     from safetensors.torch import load_file
     return ([load_file(str(per / f"process{r}.safetensors")) for r in (0, 1)],
             [json.loads((per / f"process{r}.json").read_text()) for r in (0, 1)])
+
+
+class TwoProcessSampler(StateSampler):
+    """Draws a global batch the way two processes do: half from process 0's random stream,
+    half from process 1's (seeded with ``rank_seed``); with a shared ``plan``, both halves
+    follow the same plan, as the processes do."""
+
+    def __init__(self, seed, **kw):
+        super().__init__(**kw)
+        self.seed, self.streams = seed, None
+
+    def sample(self, backend, spec, student, n, step=0, plan=None):
+        if self.streams is None:
+            self.streams = [torch.get_rng_state(),
+                            torch.Generator().manual_seed(rank_seed(self.seed, 1)).get_state()]
+        plan_state = plan.get_state() if plan is not None else None
+        parts = []
+        for r in (0, 1):
+            torch.set_rng_state(self.streams[r])
+            if plan is not None:
+                plan.set_state(plan_state)
+            parts.append(super().sample(backend, spec, student, n // 2, step, plan))
+            self.streams[r] = torch.get_rng_state()
+        torch.set_rng_state(self.streams[0])
+        return States.cat(parts)

@@ -6,14 +6,15 @@ import os
 import pytest
 import torch
 import yaml
-from launching import CONFIGS, finish, gloo, launch, per_process
+from launching import CONFIGS, TwoProcessSampler, finish, gloo, launch, per_process
 
 from ddil_lab.backends.toy2d import MLP
 from ddil_lab.checkpoint import flatten_state, latest_checkpoint, load_checkpoint
+from ddil_lab.config import RunConfig, build
 from ddil_lab.fsdp import FSDPSettings, _units, settings_from
 from ddil_lab.rollout import StateSampler, StateSpec
 from ddil_lab.sampling import DDIMPolicy
-from ddil_lab.train import check_distill_args
+from ddil_lab.train import check_distill_args, distill
 
 # DMD2 with its critic, GAN head (a registered `features` call), EMA, mixed and student
 # rollouts through the buffer; LCM with its EMA target.
@@ -119,8 +120,16 @@ def test_fsdp_trains_like_ddp_with_the_same_plan_and_resumes(launches):
 
 
 @pytest.mark.multiprocess
-def test_fsdp_lcm_with_its_target_network_trains_like_ddp(launches):
+def test_fsdp_lcm_with_its_target_network_trains_like_one_process(launches):
+    """LCM with its EMA target under FSDP equals data-parallel training with the same plan, and
+    one process drawing the same global batch (both halves following the plan), up to the order
+    of float sums."""
     tmp, _, procs = launches
+    t = LCM_RUN["train"]
+    backend, method, _, _ = build(RunConfig.from_dict({**LCM_RUN, "train": {**t, "ckpt_every": 0}}))
+    one = distill(backend, method, TwoProcessSampler(t["seed"], **LCM_RUN["sampler"]),
+                  steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"],
+                  ema_decay=t["ema_decay"], seed=t["seed"], shared_plan=True, progress=False)
     finish(procs["fsdp_lcm"])
     finish(procs["ddp_lcm"])
     w, info = per_process(tmp / "per_fsdp_lcm")
@@ -131,6 +140,13 @@ def test_fsdp_lcm_with_its_target_network_trains_like_ddp(launches):
     t_ddp, _ = _checkpoint(tmp / "ddp_lcm")
     assert any(".target." in k for k in t_fsdp)
     _assert_same_weights(t_fsdp, t_ddp)
+    # Adam divides by sqrt(v): on weights whose gradients are ~0 the order of float sums can
+    # move an update by a fraction of lr (1e-3); seen here: 1 of 16384 weights off by 3e-5
+    for k, v in one.method.student.state_dict().items():
+        torch.testing.assert_close(w[0][f"student.{k}"], v, atol=1e-4, rtol=1e-3)
+    for a, b in zip(info[0]["history"], one.history):
+        assert a["loss/student"] == pytest.approx(b["loss/student"], rel=1e-4)
+        assert a["nfe/student"] == b["nfe/student"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,14 +20,14 @@ from ddil_lab.checkpoint import CheckpointError, flatten_state, latest_checkpoin
 from ddil_lab.config import ConfigError, RunConfig, build
 from ddil_lab.distill import DMD2, PD
 from ddil_lab.hub import OfflineError
-from ddil_lab.rollout import SOURCES, States, StateSampler
-from ddil_lab.train import NonFiniteError, distill, rank_seed
+from ddil_lab.rollout import SOURCES, StateSampler
+from ddil_lab.train import NonFiniteError, distill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 sys.path.insert(0, EXPERIMENTS)
 import train_toy
-from launching import finish, gloo, launch, per_process
+from launching import TwoProcessSampler, finish, gloo, launch, per_process
 
 # Every piece of state a checkpoint must carry: DMD2's critic + GAN head and two optimizers,
 # EMA, a warmup + cosine schedule, mixed / student rollouts and the aggregation buffer.
@@ -483,27 +483,6 @@ def test_valid_config_round_trips(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # two processes under accelerate
 # ---------------------------------------------------------------------------------------------
-class TwoProcessSampler(StateSampler):
-    """Draws a global batch the way two processes do: half from process 0's random stream,
-    half from process 1's (seeded with ``rank_seed``)."""
-
-    def __init__(self, seed, **kw):
-        super().__init__(**kw)
-        self.seed, self.streams = seed, None
-
-    def sample(self, backend, spec, student, n, step=0, plan=None):
-        if self.streams is None:
-            self.streams = [torch.get_rng_state(),
-                            torch.Generator().manual_seed(rank_seed(self.seed, 1)).get_state()]
-        parts = []
-        for r in (0, 1):
-            torch.set_rng_state(self.streams[r])
-            parts.append(super().sample(backend, spec, student, n // 2, step, plan))
-            self.streams[r] = torch.get_rng_state()
-        torch.set_rng_state(self.streams[0])
-        return States.cat(parts)
-
-
 TWO_PROC_RUN = {
     "backend": {"name": "toy2d", "mixture": "ring8", "init_steps": 100},
     "method": {"name": "pd", "substeps": 2},
