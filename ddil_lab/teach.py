@@ -725,11 +725,7 @@ def method_targets(method, states: States) -> torch.Tensor:
             out[idx] = method.target(x_t[idx], tv, c)[0]
         return out
     if name == "lcm":
-        # Copied from LCM.losses (the target half): one teacher DDIM step, then the EMA target.
-        t_prev = (t - method.skip * (method.T // method.solver_steps)).clamp_min(0)
-        x0_teacher = method.teacher_x0(x_t, t, cond)
-        x_prev = method.schedule.ddim_step(x_t.float(), x0_teacher, t, t_prev)
-        return method.target(x_prev, t_prev, cond)
+        return method.consistency_target(x_t, t, cond)
     if name == "dmd2":
         x = method.th(method.student(x_t, t, cond)).float()
         g, _, _ = method.dm_gradient(x, cond)

@@ -98,13 +98,18 @@ class LCM(Method):
             return per_sample_mean((a - b) ** 2)
         return per_sample_mean(((a - b) ** 2 + self.huber_c ** 2).sqrt() - self.huber_c)
 
+    @torch.no_grad()
+    def consistency_target(self, x_t, t, cond=None) -> torch.Tensor:
+        """f_ema(x_{t'}, t'): one (thresholded) teacher DDIM step t -> t' = t - skip * T/N on
+        the solver grid, then the EMA target network."""
+        t_prev = (t - self.skip * (self.T // self.solver_steps)).clamp_min(0)
+        x0_teacher = self.teacher_x0(x_t, t, cond)
+        x_prev = self.schedule.ddim_step(x_t.float(), x0_teacher, t, t_prev)
+        return self.target(x_prev, t_prev, cond)
+
     def losses(self, states):
         x_t, t, cond = states.x_t, states.t, states.cond
-        t_prev = (t - self.skip * (self.T // self.solver_steps)).clamp_min(0)
-        with torch.no_grad():
-            x0_teacher = self.teacher_x0(x_t, t, cond)
-            x_prev = self.schedule.ddim_step(x_t.float(), x0_teacher, t, t_prev)
-            target = self.target(x_prev, t_prev, cond)
+        target = self.consistency_target(x_t, t, cond)
         pred = self.student(x_t, t, cond)
         yield "student", self.distance(pred, target), {}
 
