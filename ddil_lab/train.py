@@ -47,6 +47,7 @@ from .checkpoint import (
 from .distill.base import Method
 from .fsdp import (
     Sharded,
+    full,
     full_state,
     load_module,
     load_optimizer,
@@ -575,7 +576,7 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
         per_process = procs.gather_states(_process_state(sampler))
         shared = full_state(shared_state()) if sharded is not None else None  # collective
         if procs.is_main:
-            shared = shared or shared_state()
+            shared = shared_state() if shared is None else shared
             path = save_checkpoint(out_dir, step, {**shared, "processes": per_process},
                                    {"config": config, "history": result.history,
                                     "skipped": result.skipped}, keep=keep_checkpoints)
@@ -603,7 +604,7 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
                 loss.mean().backward()
                 params = procs.average_gradients(trainable[group])
                 norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
-                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                norm = full(norm)  # a sharded norm (FSDP) is gathered
                 if not torch.isfinite(norm):
                     _nonfinite(_grad_fault(groups[group], states, group), step, method,
                                on_nonfinite, result, rec)
