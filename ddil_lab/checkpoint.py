@@ -48,6 +48,18 @@ def flatten_state(prefix: str, obj, tensors: dict, meta: dict | None = None):
     raise TypeError(f"cannot store {type(obj).__name__} at {prefix} in a checkpoint")
 
 
+def map_tensors(obj, fn):
+    """A nested state (dicts / lists of tensors and plain values) with ``fn`` applied to every
+    tensor, in a fixed order."""
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    return obj
+
+
 def unshare(tensors: dict) -> dict:
     """Copy tensors that share memory with an earlier one (tied weights, views of one buffer):
     safetensors refuses to write shared memory."""

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpoint import map_tensors
+
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
 
 
@@ -109,13 +111,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 def full_state(obj):
     """A nested state (dicts / lists / tensors) with every sharded tensor gathered to the CPU,
     in a fixed order (collective)."""
-    if isinstance(obj, _dtensor()):
-        return obj.full_tensor().cpu()
-    if isinstance(obj, dict):
-        return {k: full_state(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [full_state(v) for v in obj]
-    return obj
+    return map_tensors(obj, lambda t: t.full_tensor().cpu() if isinstance(t, _dtensor()) else t)
 
 
 def like(value: torch.Tensor, live: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from .checkpoint import (
     checkpoints,
     flatten_state,
     load_latest,
+    map_tensors,
     save_checkpoint,
     unflatten_state,
     unshare,
@@ -382,21 +383,11 @@ def _process_state(sampler: StateSampler) -> dict:
             "buffer": {k: _states_to_state(v) for k, v in sampler.buffer.items()}}
 
 
-def _to(obj, device):
-    """Move the tensors of a nested state (dicts / lists / tensors) to ``device``."""
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to(v, device) for v in obj]
-    return obj
-
-
 def _load_process_state(sampler: StateSampler, st: dict, device) -> None:
     """Restore the buffer (onto ``device``, where the run keeps its states), NFE counters and
     every RNG stream of this process."""
-    sampler.buffer = {k: States(**_to(v, device)) for k, v in st["buffer"].items()}
+    sampler.buffer = {k: States(**map_tensors(v, lambda t: t.to(device)))
+                      for k, v in st["buffer"].items()}
     sampler.nfe.update(st["nfe"])
     set_rng_state(st["rng"])
 
