@@ -1,8 +1,36 @@
 """ddil_lab: diffusion distillation with imitation learning (DDIL), from 2D mixtures to SD.
 
-Parts (see shared/DESIGN.md): ``diffusion`` (Schedule), ``denoiser`` (one calling convention,
-x0 out), ``backends`` (toy2d, image, sd), ``rollout`` (StateSampler: where training states come
-from), ``distill`` (PD, LCM, DMD2: the feedback), ``train`` (the one loop), ``metrics``.
+The parts (see shared/DESIGN.md), each importable from here (loaded on first use):
+
+- core: ``Schedule``, ``timesteps`` and ``threshold`` (``diffusion``); the denoiser adapters and
+  ``CFG`` (``denoiser``); ``StateSampler`` (``rollout``: where training states come from); the
+  methods ``PD``, ``LCM``, ``DMD2`` (``methods``: the feedback); shared ``metrics``;
+- the loop: ``distill`` and ``progressive`` (``train``);
+- one package per tier: ``toy`` (``Toy2dBackend``, ``make_mixture``), ``image``
+  (``ImageBackend``), ``sd`` (``SDBackend``); ``config`` builds a run of any tier.
 """
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    # core
+    "Schedule": ".diffusion", "Threshold": ".diffusion", "timesteps": ".diffusion",
+    "threshold": ".diffusion",
+    "CFG": ".denoiser", "PredEps": ".denoiser", "PredV": ".denoiser", "PredX0": ".denoiser",
+    "StateSampler": ".rollout", "SOURCES": ".rollout",
+    "PD": ".methods", "LCM": ".methods", "DMD2": ".methods", "make_method": ".methods",
+    # the loop
+    "distill": ".train", "progressive": ".train", "DistillResult": ".train",
+    "train_arm": ".train", "make_arm": ".train",
+    # tiers
+    "Toy2dBackend": ".toy", "make_mixture": ".toy", "MIXTURES": ".toy", "GMM": ".toy",
+    "ImageBackend": ".image", "SDBackend": ".sd",
+    # subpackages and modules
+    "diffusion": ".diffusion", "denoiser": ".denoiser", "sampling": ".sampling",
+    "rollout": ".rollout", "methods": ".methods", "metrics": ".metrics", "train": ".train",
+    "toy": ".toy", "image": ".image", "sd": ".sd", "config": ".config",
+    "notebook": ".notebook", "hub": ".hub",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

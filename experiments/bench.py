@@ -27,7 +27,8 @@ import time
 
 import torch
 
-from ddil_lab import toy_experiments as tx
+from ddil_lab import toy as tx
+from ddil_lab import train
 from ddil_lab.diffusion import substeps, timesteps
 from ddil_lab.rollout import StateSampler
 from ddil_lab.train import distill
@@ -75,7 +76,7 @@ def hand_written_pd(backend, steps: int, batch: int, lr: float = 1e-3, n_steps: 
 
 
 def bench(setting: str = "ring8", steps: int = 200, batch: int = 256, repeats: int = 5,
-          methods=tx.METHODS, buffer_size: int = 1024, refresh_every: int = 10,
+          methods=train.METHODS, buffer_size: int = 1024, refresh_every: int = 10,
           refresh_size: int = 256, init_steps: int = 3000, teacher: str = "exact",
           progress: bool = True) -> dict:
     """Measure seconds per training step of every (method, variant) and of the hand-written PD
@@ -92,13 +93,13 @@ def bench(setting: str = "ring8", steps: int = 200, batch: int = 256, repeats: i
             arm = "baseline" if variant == "baseline" else "ddil"
 
             def job(m=m, arm=arm, skw=skw, mkw=mkw):
-                method, sampler = tx.make_arm(m, arm, method_kw=mkw, **skw)
+                method, sampler = train.make_arm(m, arm, method_kw=mkw, **skw)
                 distill(backend, method, sampler, steps=steps, batch_size=batch, lr=1e-3,
                         progress=False)
             jobs[f"{m} {variant}"] = job
     jobs["hand-written PD loop"] = lambda: hand_written_pd(backend, steps, batch)
     jobs["pd distill() forward-only"] = lambda: distill(
-        backend, tx.make_arm("pd", "baseline")[0], StateSampler(), steps=steps,
+        backend, train.make_arm("pd", "baseline")[0], StateSampler(), steps=steps,
         batch_size=batch, lr=1e-3, progress=False)
     load0 = os.getloadavg()
     times = {k: [] for k in jobs}
@@ -150,7 +151,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=200, help="training steps per timed run")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (fastest kept)")
-    p.add_argument("--methods", default=",".join(tx.METHODS), help="comma-separated")
+    p.add_argument("--methods", default=",".join(train.METHODS), help="comma-separated")
     p.add_argument("--buffer-size", type=int, default=1024)
     p.add_argument("--refresh-every", type=int, default=10)
     p.add_argument("--refresh-size", type=int, default=256)
@@ -158,9 +159,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="also write bench.json and bench.md here")
     a = p.parse_args(argv)
     methods = tuple(m for m in a.methods.split(",") if m)
-    bad = [m for m in methods if m not in tx.METHODS]
+    bad = [m for m in methods if m not in train.METHODS]
     if bad:
-        raise ValueError(f"methods={bad} must be in {tx.METHODS}")
+        raise ValueError(f"methods={bad} must be in {train.METHODS}")
     res = bench(a.setting, a.steps, a.batch, a.repeats, methods, a.buffer_size,
                 a.refresh_every, a.refresh_size, a.init_steps, a.teacher)
     md = report(res)

@@ -25,10 +25,10 @@ def _moved(a, b) -> float:
 
 
 def main(argv=None):
-    from ddil_lab.backends.sd import SDBackend
-    from ddil_lab.backends.sd_tiny import make_tiny_pipeline
-    from ddil_lab.distill import DMD2, LCM, PD
-    from ddil_lab.export import export_pipeline, load_student_pipeline
+    from ddil_lab.sd.backend import SDBackend
+    from ddil_lab.sd.tiny import make_tiny_pipeline
+    from ddil_lab.methods import DMD2, LCM, PD
+    from ddil_lab.sd.export import export_pipeline, load_student_pipeline
     from ddil_lab.rollout import StateSampler
     from ddil_lab.train import distill
 

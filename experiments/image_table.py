@@ -14,7 +14,7 @@ histogram to the data's class weights, diversity (LPIPS among samples of the sam
 conditioning, or classifier-feature distances offline), and covariate shift per student step
 (Frechet distance, in 8x8-pooled pixels, between the student's states and forward-diffused
 data at the same t). Writes ``results.json``, ``table.md`` (printed too), ``samples.png`` and
-``shift.png`` under ``--out``. The arms are ``toy_experiments.make_arm``'s.
+``shift.png`` under ``--out``. The arms are ``ddil_lab.train.make_arm``'s.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from ddil_lab import toy_experiments as tx
-from ddil_lab.backends.image import TINY_NET, ImageBackend
-from ddil_lab.metrics import image as im
+from ddil_lab import train
+from ddil_lab.image.backend import TINY_NET, ImageBackend
+from ddil_lab.image import metrics as im
 
 DEFAULTS = dict(
     data="digits",        # "digits" (offline) or "cifar10" (needs --root)
@@ -40,7 +40,7 @@ DEFAULTS = dict(
     tiny_net=False,       # a tiny UNet teacher (quick runs only)
     conditional=False,    # distil class-conditionally (else: unconditional, modes = classes)
     guidance=1.0,         # CFG scale of the teacher (needs conditional)
-    methods=tx.METHODS,
+    methods=train.METHODS,
     arms=("baseline", "ddil"),
     steps=200,            # distillation steps per arm
     batch_size=64,
@@ -82,7 +82,7 @@ def run_arms(backend, ev: im.ImageEvaluator, cfg: dict, progress: bool = True) -
     sampler_kw = {k: cfg[k] for k in ("share", "buffer_size", "refresh_every", "refresh_size")}
     for method in cfg["methods"]:
         for arm in cfg["arms"]:
-            view = tx.train_arm(backend, method, arm, seeds=(cfg["seed"],), steps=cfg["steps"],
+            view = train.train_arm(backend, method, arm, seeds=(cfg["seed"],), steps=cfg["steps"],
                                 batch_size=cfg["batch_size"], lr=cfg["lr"],
                                 n_steps=cfg["n_steps"], ensemble=False,
                                 method_kw={"critic_steps": cfg["critic_steps"]}
@@ -117,14 +117,14 @@ def run(out: str = "runs/image_table", quick: bool = False, progress: bool = Tru
     Returns {"results", "markdown", "files", "time_s", "config"}."""
     import matplotlib
     matplotlib.use("Agg")
-    from ddil_lab.plots_image import grids, shift_curves
+    from ddil_lab.image.plots import grids, shift_curves
 
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)}: allowed {sorted(DEFAULTS)}")
     cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
     for key in ("methods", "arms"):
-        allowed = tx.METHODS if key == "methods" else tx.ARMS
+        allowed = train.METHODS if key == "methods" else train.ARMS
         bad = [v for v in cfg[key] if v not in allowed]
         if bad or not cfg[key]:
             raise ValueError(f"{key}={list(cfg[key])!r}: each must be one of {allowed}")

@@ -12,7 +12,7 @@ evaluated from the same noise and labels against the (guided) 32-step teacher. W
 drift, and paired differences of every arm to its baseline with 95% intervals) and per setting
 ``samples_<setting>.png``, ``steps_<setting>.png`` (shift, gap and drift per student timestep,
 +-1 std bands) and ``modes_<setting>.png``. ``--deltas-from results.csv`` re-prints the paired
-differences of an earlier run. See ``ddil_lab/toy_experiments.py`` for the arms and metrics.
+differences of an earlier run. Arms: ``ddil_lab/train/arms.py``; metrics: ``ddil_lab/toy/experiments.py``.
 Results and the regime search: docs/results.md.
 """
 
@@ -27,12 +27,13 @@ import time
 
 import torch
 
-from ddil_lab import toy_experiments as tx
+from ddil_lab import toy as tx
+from ddil_lab import train
 
 DEFAULTS = {
     "settings": ("guided", "ring8"),  # names in tx.SETTINGS
-    "methods": tx.METHODS,
-    "arms": tx.ARMS,
+    "methods": train.METHODS,
+    "arms": train.ARMS,
     "seeds": (0, 1, 2),
     "steps": 300,            # gradient steps per arm (the same for every arm)
     "batch_size": 256,       # states per step per seed
@@ -42,7 +43,7 @@ DEFAULTS = {
     "guidance": None,        # override the setting's CFG scale
     "n_eval": 4000,          # evaluation samples per student
     "share": 0.5,            # DDIL: fraction of each batch from rollouts
-    "source": None,          # DDIL rollout source (default per method: tx.DDIL_SOURCE)
+    "source": None,          # DDIL rollout source (default per method: train.DDIL_SOURCE)
     "buffer_size": 1024,     # DDIL aggregation buffer, states per seed (0: fresh rollouts)
     "refresh_every": 10,     # ... refreshed every k steps
     "refresh_size": 256,     # ... with this many new states per seed
@@ -154,7 +155,7 @@ def _keys(grid) -> tuple:
 
 
 def _validate(cfg: dict):
-    for key, allowed in (("settings", tx.SETTINGS), ("methods", tx.METHODS), ("arms", tx.ARMS)):
+    for key, allowed in (("settings", tx.SETTINGS), ("methods", train.METHODS), ("arms", train.ARMS)):
         bad = [v for v in cfg[key] if v not in allowed]
         if bad or not cfg[key]:
             raise ValueError(f"{key}={list(cfg[key])!r}: each must be one of {tuple(allowed)}")

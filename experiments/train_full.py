@@ -1,5 +1,5 @@
 """Run a full-tier recipe (PD, LCM or DMD2 on Stable Diffusion, with DDIL) from a YAML config,
-on one GPU or on many under accelerate: the same ``ddil_lab.recipes.run_full`` as the notebooks
+on one GPU or on many under accelerate: the same ``ddil_lab.sd.run_full`` as the notebooks
 ``notebooks/full_{pd,lcm,dmd2}.ipynb``, with the same parameters and the same validation.
 
     python experiments/train_full.py --config experiments/configs/pd.yaml
@@ -12,12 +12,12 @@ on one GPU or on many under accelerate: the same ``ddil_lab.recipes.run_full`` a
         --set model_id=tiny max_steps=2 n_steps=2 --out runs/lcm_tiny
 
 A config is a mapping with ``method: pd | lcm | dmd2`` and any parameters of the recipe
-(``ddil_lab.recipes.PDRecipe`` / ``LCMRecipe`` / ``DMD2Recipe``; the notebooks' parameters
+(``ddil_lab.sd.PDRecipe`` / ``LCMRecipe`` / ``DMD2Recipe``; the notebooks' parameters
 cells list them with help). ``--set key=value`` overrides (values parsed as YAML), ``--out``
 sets ``out_dir``, ``--resume`` continues the run in ``out_dir`` (finished stages are loaded, the
 unfinished one resumes from its newest checkpoint). Under ``accelerate launch`` with several
 processes every process trains on its share of the global ``batch_size`` (gradients averaged by
-``distill``; with the FSDP config the modules are sharded too, see ``ddil_lab.fsdp``);
+``distill``; with the FSDP config the modules are sharded too, see ``ddil_lab.train.fsdp``);
 process 0 writes the sample grids, the loss plot, the exported pipeline and the
 metrics. A bad setting exits with status 2 and a message naming each bad parameter, a
 non-finite loss or gradient with status 3.
@@ -65,7 +65,7 @@ class SettingsError(Exception):
 
 def load_recipe(args: argparse.Namespace, num_processes: int = 1):
     """The validated recipe of the command line (the notebooks' checks: ``FullRecipe.validate``)."""
-    from ddil_lab import recipes
+    from ddil_lab import sd as recipes
     from ddil_lab.hub import OfflineError
 
     try:
@@ -87,7 +87,7 @@ def main(argv=None, accelerator=None) -> dict | None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ddil_lab import recipes
+    from ddil_lab import sd as recipes
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator is None and world > 1:  # started by accelerate launch / torchrun
@@ -104,7 +104,7 @@ def main(argv=None, accelerator=None) -> dict | None:
 
 
 def cli(argv=None) -> int:
-    from ddil_lab.checkpoint import CheckpointError
+    from ddil_lab.train.checkpoint import CheckpointError
     from ddil_lab.hub import OfflineError
     from ddil_lab.train import NonFiniteError
 

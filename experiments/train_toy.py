@@ -123,7 +123,7 @@ def write_outputs(out: str, cfg, backend, result, seconds: float):
                "final_loss": result.losses()[-1] if result.losses() else None}
     gmm = getattr(backend, "gmm", None)
     if gmm is not None:  # exact sample metrics against the true mixture
-        from ddil_lab.metrics import toy_metrics
+        from ddil_lab.toy.metrics import toy_metrics
         from ddil_lab.sampling import sample
 
         g = torch.Generator().manual_seed(cfg.sample.seed)

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -57,12 +59,13 @@ widgets: bool = True  # show sliders under the static figures (in a widget-enabl
 # %%
 from IPython.display import Markdown, display
 
-from ddil_lab import teach
-from ddil_lab import teach_plots as tp
-from ddil_lab.toy_experiments import make_backend
+from ddil_lab import notebook as nb
+from ddil_lab.toy.lessons import common, shift
+from ddil_lab.toy import make_backend
 
-teach.setup(threads=1, seed=seeds[0])
-rec = teach.Recorder(out_dir)
+nb.check_parameters()  # a mistyped papermill parameter stops the run here
+nb.setup(threads=1, seed=seeds[0])
+rec = nb.Recorder(out_dir)
 train_kw = {"seeds": seeds, "steps": steps, "batch_size": batch_size, "lr": lr,
             "n_steps": n_steps, "n_eval": n_eval, "method_kw": {"substeps": substeps},
             "sampler_kw": {"share": ddil_share}}
@@ -80,7 +83,7 @@ table_keys = ["mmd_x1e3", "nll", "off_mode", "gap_sum", "train_gap_sum", "drift_
 
 # %%
 uncond = make_backend(setting, init_steps=init_steps)
-teach.explore(tp.teacher_over_marginals, {"n_steps": (1, 8, 1), "fine": bool},
+nb.explore(shift.teacher_over_marginals, {"n_steps": (1, 8, 1), "fine": bool},
               {"n_steps": n_steps, "fine": False}, rec, "teacher_uncond", widgets,
               backend=uncond, label=None, n=n_eval // 2)
 
@@ -92,8 +95,8 @@ teach.explore(tp.teacher_over_marginals, {"n_steps": (1, 8, 1), "fine": bool},
 # states for DDIL). The last column draws a few whole trajectories.
 
 # %%
-study_u = teach.shift_study(uncond, "pd", ("baseline", "ddil"), **train_kw)
-rec.figure("states_uncond", tp.states_over_marginals(uncond, study_u.trajs,
+study_u = shift.shift_study(uncond, "pd", ("baseline", "ddil"), **train_kw)
+rec.figure("states_uncond", shift.states_over_marginals(uncond, study_u.trajs,
                                                      train_states=study_u.train_states))
 
 # %% [markdown]
@@ -105,17 +108,17 @@ rec.figure("states_uncond", tp.states_over_marginals(uncond, study_u.trajs,
 # substep walk from the same state, on forward states and on the student's own states.
 
 # %%
-rec.figure("shift_uncond", tp.shift_curves(study_u))
+rec.figure("shift_uncond", shift.shift_curves(study_u))
 
 # %%
-rec.figure("step_error_uncond", tp.step_errors(study_u))
+rec.figure("step_error_uncond", shift.step_errors(study_u))
 
 # %%
-rows_u = {k: teach.seed_lists(v) for k, v in study_u.rows.items()}
-display(Markdown(teach.markdown_table(rows_u, table_keys)))
-print(teach.verdict(study_u.rows, "baseline", "ddil"))
-print(teach.verdict(study_u.rows, "baseline", "ddil", "nll"))
-rec.log("uncond", {k: teach.seed_mean(v) for k, v in study_u.rows.items()})
+rows_u = {k: nb.seed_lists(v) for k, v in study_u.rows.items()}
+display(Markdown(nb.markdown_table(rows_u, table_keys)))
+print(nb.verdict(study_u.rows, "baseline", "ddil"))
+print(nb.verdict(study_u.rows, "baseline", "ddil", "nll"))
+rec.log("uncond", {k: nb.seed_mean(v) for k, v in study_u.rows.items()})
 
 # %% [markdown]
 # ## 3. Under classifier-free guidance
@@ -129,35 +132,35 @@ rec.log("uncond", {k: teach.seed_mean(v) for k, v in study_u.rows.items()})
 
 # %%
 guided = make_backend("guided", guidance=guidance, init_steps=init_steps)
-teach.explore(tp.teacher_over_marginals, {"guidance": (1.0, 10.0, 0.5), "n_steps": (1, 8, 1)},
+nb.explore(shift.teacher_over_marginals, {"guidance": (1.0, 10.0, 0.5), "n_steps": (1, 8, 1)},
               {"guidance": guidance, "n_steps": n_steps}, rec, "teacher_guided", widgets,
               backend=guided, label=0, n=n_eval // 2)
 
 # %%
-study_g = teach.shift_study(guided, "pd", ("baseline", "ddil"), **train_kw)
-rec.figure("states_guided", tp.states_over_marginals(guided, study_g.trajs, study_g.ref.cond,
+study_g = shift.shift_study(guided, "pd", ("baseline", "ddil"), **train_kw)
+rec.figure("states_guided", shift.states_over_marginals(guided, study_g.trajs, study_g.ref.cond,
                                                      label=0, train_states=study_g.train_states))
 
 # %%
-rec.figure("shift_guided", tp.shift_curves(study_g))
+rec.figure("shift_guided", shift.shift_curves(study_g))
 
 # %%
-rec.figure("step_error_guided", tp.step_errors(study_g))
+rec.figure("step_error_guided", shift.step_errors(study_g))
 
 # %% [markdown]
 # ## 4. Side by side: samples and numbers
 
 # %%
-rec.figure("samples_guided", tp.sample_panels({k: t.sample for k, t in study_g.trajs.items()},
+rec.figure("samples_guided", common.sample_panels({k: t.sample for k, t in study_g.trajs.items()},
                                               guided, study_g.ref.cond))
 
 # %%
-rows_g = {k: teach.seed_lists(v) for k, v in study_g.rows.items()}
-display(Markdown(teach.markdown_table(rows_g, table_keys)))
-print(teach.verdict(study_g.rows, "baseline", "ddil"))
-print(teach.verdict(study_g.rows, "baseline", "ddil", "nll"))
-print(teach.verdict(study_g.rows, "baseline", "ddil", "off_mode"))
-rec.log("guided", {k: teach.seed_mean(v) for k, v in study_g.rows.items()})
+rows_g = {k: nb.seed_lists(v) for k, v in study_g.rows.items()}
+display(Markdown(nb.markdown_table(rows_g, table_keys)))
+print(nb.verdict(study_g.rows, "baseline", "ddil"))
+print(nb.verdict(study_g.rows, "baseline", "ddil", "nll"))
+print(nb.verdict(study_g.rows, "baseline", "ddil", "off_mode"))
+rec.log("guided", {k: nb.seed_mean(v) for k, v in study_g.rows.items()})
 print("metrics and figures in", rec.save())
 
 # %% [markdown]

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -51,12 +53,13 @@ widgets: bool = True  # show controls under the static figures (in a widget-enab
 # %%
 from IPython.display import Markdown, display
 
-from ddil_lab import teach
-from ddil_lab import teach_plots as tp
-from ddil_lab.toy_experiments import make_backend
+from ddil_lab import notebook as nb
+from ddil_lab.toy.lessons import common, modes
+from ddil_lab.toy import make_backend
 
-teach.setup(threads=1, seed=seeds[0])
-rec = teach.Recorder(out_dir)
+nb.check_parameters()  # a mistyped papermill parameter stops the run here
+nb.setup(threads=1, seed=seeds[0])
+rec = nb.Recorder(out_dir)
 plan = {"pd": ["baseline", "ddil"], "lcm": ["baseline", "ddil"], "dmd2": dmd2_arms}
 method_kw = {"pd": {"substeps": pd_substeps}, "dmd2": {"critic_steps": critic_steps}}
 
@@ -70,12 +73,12 @@ method_kw = {"pd": {"substeps": pd_substeps}, "dmd2": {"critic_steps": critic_st
 
 # %%
 backend = make_backend(setting, init_steps=init_steps)
-students = teach.train_methods(backend, plan, method_kw, sampler_kw={"share": ddil_share},
+students = common.train_methods(backend, plan, method_kw, sampler_kw={"share": ddil_share},
                                seeds=seeds, steps=steps, batch_size=batch_size, lr=lr,
                                n_steps=n_steps)
-study = teach.mode_study(backend, students, n_eval=n_eval, n_steps=n_steps,
+study = modes.mode_study(backend, students, n_eval=n_eval, n_steps=n_steps,
                          fine_steps=fine_steps)
-rec.figure("samples", tp.sample_panels({k: t.sample for k, t in study.trajs.items()}, backend,
+rec.figure("samples", common.sample_panels({k: t.sample for k, t in study.trajs.items()}, backend,
                                        study.cond, ncols=5))
 
 # %% [markdown]
@@ -87,13 +90,13 @@ rec.figure("samples", tp.sample_panels({k: t.sample for k, t in study.trajs.item
 # fades at some row is a mode lost at that step.
 
 # %%
-rec.figure("reachable_modes", tp.reachable_heatmaps(study))
+rec.figure("reachable_modes", modes.reachable_heatmaps(study))
 
 # %%
-rec.figure("effective_modes", tp.effective_modes(study))
+rec.figure("effective_modes", modes.effective_modes(study))
 
 # %%
-rec.figure("final_modes", tp.final_mode_bars(study))
+rec.figure("final_modes", modes.final_mode_bars(study))
 
 # %% [markdown]
 # ## 3. Where each state leads
@@ -105,20 +108,20 @@ rec.figure("final_modes", tp.final_mode_bars(study))
 # %%
 names = list(study.trajs)
 first = next((n for n in names if n.startswith("dmd2")), names[-1])
-teach.explore(tp.reach_map, {"name": names, "step": (0, n_steps, 1)},
+nb.explore(modes.reach_map, {"name": names, "step": (0, n_steps, 1)},
               {"name": first, "step": 1}, rec, "reach_map", widgets, study=study)
 
 # %%
 keys = ["mmd_x1e3", "nll", "tv", "off_mode", "effective_modes_min", "effective_modes_final",
         "tv_first_step"]
-rows = {k: teach.seed_lists(v) for k, v in study.rows.items()}
-display(Markdown(teach.markdown_table(rows, keys)))
+rows = {k: nb.seed_lists(v) for k, v in study.rows.items()}
+display(Markdown(nb.markdown_table(rows, keys)))
 for method, arms in plan.items():
     if len(arms) > 1:
         a, b = f"{method} {arms[0]}", f"{method} {arms[1]}"
-        print(teach.verdict(study.rows, a, b, "tv"))
-        print(teach.verdict(study.rows, a, b, "mmd_x1e3"))
-rec.log("modes", {k: teach.seed_mean(v) for k, v in study.rows.items()})
+        print(nb.verdict(study.rows, a, b, "tv"))
+        print(nb.verdict(study.rows, a, b, "mmd_x1e3"))
+rec.log("modes", {k: nb.seed_mean(v) for k, v in study.rows.items()})
 rec.log("effective_modes", {k: dict(enumerate(s["effective_modes"]))
                             for k, s in study.summary.items()})
 print("metrics and figures in", rec.save())

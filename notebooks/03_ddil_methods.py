@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -55,12 +57,13 @@ import os
 
 from IPython.display import Markdown, display
 
-from ddil_lab import teach
-from ddil_lab import teach_plots as tp
-from ddil_lab.toy_experiments import make_backend
+from ddil_lab import notebook as nb
+from ddil_lab.toy.lessons import sources
+from ddil_lab.toy import make_backend
 
-teach.setup(threads=1, seed=seed)
-rec = teach.Recorder(out_dir)
+nb.check_parameters()  # a mistyped papermill parameter stops the run here
+nb.setup(threads=1, seed=seed)
+rec = nb.Recorder(out_dir)
 priors = {"beta_frwd": beta_frwd, "beta_teacher_bckwrd": beta_teacher_bckwrd,
           "beta_student_bckwrd": beta_student_bckwrd, "beta_mixed": beta_mixed}
 
@@ -76,7 +79,7 @@ priors = {"beta_frwd": beta_frwd, "beta_teacher_bckwrd": beta_teacher_bckwrd,
 # results.
 
 # %%
-table = teach.run_toy_table(os.path.join(out_dir, "toy_table"), table_quick, **table_overrides)
+table = sources.run_toy_table(os.path.join(out_dir, "toy_table"), table_quick, **table_overrides)
 display(Markdown(table["markdown"]))
 
 # %%
@@ -85,7 +88,7 @@ for path in table["files"]:
         rec.image("table_" + os.path.basename(path)[:-4], path)
 
 # %%
-rec.log("table", teach.table_metrics(table["summary"]))
+rec.log("table", sources.table_metrics(table["summary"]))
 
 # %% [markdown]
 # ## 2. Where the training states come from
@@ -98,14 +101,14 @@ rec.log("table", teach.table_metrics(table["summary"]))
 
 # %%
 backend = make_backend(setting, init_steps=init_steps)
-result, snaps = teach.sources_run(backend, method, priors, p_student, ramp_steps, steps,
+result, snaps = sources.sources_run(backend, method, priors, p_student, ramp_steps, steps,
                                   batch_size, lr, n_snapshot=n_snapshot,
                                   snapshot_every=snapshot_every, seed=seed)
-rec.figure("sources_over_training", tp.sources_over_training(snaps, backend,
+rec.figure("sources_over_training", sources.sources_over_training(snaps, backend,
                                                              result.method.grid.tolist()))
 
 # %%
-rec.figure("source_fractions", tp.source_fractions(snaps))
+rec.figure("source_fractions", sources.source_fractions(snaps))
 
 # %% [markdown]
 # The loss the student sees on each kind of state (`source/<name>` in the training
@@ -113,7 +116,7 @@ rec.figure("source_fractions", tp.source_fractions(snaps))
 # sources are.
 
 # %%
-rec.figure("source_losses", tp.source_losses(result))
+rec.figure("source_losses", sources.source_losses(result))
 
 # %% [markdown]
 # ## 3. Play with the priors
@@ -123,7 +126,7 @@ rec.figure("source_losses", tp.source_losses(result))
 # is the teacher's, with 1 the student's.
 
 # %%
-teach.explore(tp.source_preview, {"beta_frwd": (0.0, 1.0, 0.05),
+nb.explore(sources.source_preview, {"beta_frwd": (0.0, 1.0, 0.05),
                                   "beta_teacher_bckwrd": (0.0, 1.0, 0.05),
                                   "beta_student_bckwrd": (0.0, 1.0, 0.05),
                                   "beta_mixed": (0.0, 1.0, 0.05), "p_student": (0.0, 1.0, 0.05)},
@@ -133,7 +136,7 @@ teach.explore(tp.source_preview, {"beta_frwd": (0.0, 1.0, 0.05),
 # %%
 fractions = snaps.source_fractions()
 rec.log("sources_final", {s: v[-1] for s, v in fractions.items()})
-rec.log("source_loss_final", {s: v[1][-1] for s, v in teach.source_loss_curves(result).items()})
+rec.log("source_loss_final", {s: v[1][-1] for s, v in sources.source_loss_curves(result).items()})
 print("metrics and figures in", rec.save())
 
 # %% [markdown]

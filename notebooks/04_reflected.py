@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -51,12 +53,13 @@ widgets: bool = True  # show controls under the static figures (in a widget-enab
 # %%
 from IPython.display import Markdown, display
 
-from ddil_lab import teach
-from ddil_lab import teach_plots as tp
-from ddil_lab.toy_experiments import make_backend
+from ddil_lab import notebook as nb
+from ddil_lab.toy.lessons import common, reflection
+from ddil_lab.toy import make_backend
 
-teach.setup(threads=1, seed=seeds[0])
-rec = teach.Recorder(out_dir)
+nb.check_parameters()  # a mistyped papermill parameter stops the run here
+nb.setup(threads=1, seed=seeds[0])
+rec = nb.Recorder(out_dir)
 backend = make_backend(setting, teacher=teacher, guidance=guidance, init_steps=init_steps)
 
 # %% [markdown]
@@ -69,14 +72,14 @@ backend = make_backend(setting, teacher=teacher, guidance=guidance, init_steps=i
 # and past some $w$ its estimates leave the box.
 
 # %%
-teach.explore(tp.teacher_x0, {"guidance": (1.0, 10.0, 0.5), "thresholding": bool},
+nb.explore(reflection.teacher_x0, {"guidance": (1.0, 10.0, 0.5), "thresholding": bool},
               {"guidance": guidance, "thresholding": thresholding}, rec, "teacher_x0", widgets,
               backend=backend, n_steps=n_steps, n=n_eval // 2)
 
 # %%
-traj, cond = teach.teacher_trajectory(backend, n_steps, n=n_eval)
-outside = {f"t{t}": teach.outside_support(x0)
-           for t, x0 in zip(traj.grid, teach.teacher_x0_along(backend, traj, cond))}
+traj, cond = common.teacher_trajectory(backend, n_steps, n=n_eval)
+outside = {f"t{t}": reflection.outside_support(x0)
+           for t, x0 in zip(traj.grid, reflection.teacher_x0_along(backend, traj, cond))}
 print("fraction of the teacher's x0 outside [-1, 1]^2 per step:", outside)
 rec.log("teacher_x0_outside", outside)
 
@@ -89,13 +92,13 @@ rec.log("teacher_x0_outside", outside)
 # with reflected distillation.
 
 # %%
-report = teach.target_report(backend, n_steps=n_steps, n=n_eval // 2)
-rec.figure("targets", tp.target_scatter(report))
+report = reflection.target_report(backend, n_steps=n_steps, n=n_eval // 2)
+rec.figure("targets", reflection.target_scatter(report))
 
 # %%
 rows = {f"{m} {arm}": {k: v for k, v in d.items() if k in ("outside", "max_abs", "pull_rms")}
         for m, arms in report.items() for arm, d in arms.items()}
-display(Markdown(teach.markdown_table(rows, ["outside", "max_abs", "pull_rms"])))
+display(Markdown(nb.markdown_table(rows, ["outside", "max_abs", "pull_rms"])))
 rec.log("targets", rows)
 
 # %% [markdown]
@@ -116,23 +119,23 @@ rec.log("targets", rows)
 # the support; this column shows how much of it did.
 
 # %%
-runs = teach.stability_runs(backend, "dmd2", dmd2_arms, seeds, steps=dmd2_steps,
+runs = reflection.stability_runs(backend, "dmd2", dmd2_arms, seeds, steps=dmd2_steps,
                             batch_size=dmd2_batch_size, lr=lr, n_steps=n_steps,
                             eval_every=eval_every, n_eval=min(500, n_eval),
                             method_kw={"critic_steps": critic_steps})
-rec.figure("dmd2_stability", tp.stability(runs, "loss/student"))
+rec.figure("dmd2_stability", reflection.stability(runs, "loss/student"))
 
 # %%
-rec.figure("dmd2_critic", tp.stability(runs, "loss/critic"))
+rec.figure("dmd2_critic", reflection.stability(runs, "loss/critic"))
 
 # %%
 keys = ["final_mmd", "max_loss", "raw_outside", "skipped"]
 per_seed = {arm: [{k: r[k] for k in keys} for r in rs] for arm, rs in runs.items()}
-display(Markdown(teach.markdown_table({a: teach.seed_lists(v) for a, v in per_seed.items()},
+display(Markdown(nb.markdown_table({a: nb.seed_lists(v) for a, v in per_seed.items()},
                                       keys)))
 for arm in dmd2_arms[1:]:
-    print(teach.verdict(per_seed, dmd2_arms[0], arm, "final_mmd"))
-rec.log("dmd2", {arm: teach.seed_mean(v) for arm, v in per_seed.items()})
+    print(nb.verdict(per_seed, dmd2_arms[0], arm, "final_mmd"))
+rec.log("dmd2", {arm: nb.seed_mean(v) for arm, v in per_seed.items()})
 print("metrics and figures in", rec.save())
 
 # %% [markdown]

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -67,14 +69,15 @@ seed: int = 0  # seed of the students
 # %%
 from IPython.display import Markdown, display
 
-from ddil_lab import teach
-from ddil_lab.backends.image import TINY_NET, ImageBackend
-from ddil_lab.metrics.image import ImageEvaluator
-from ddil_lab.plots_image import grids, shift_curves
-from ddil_lab.toy_experiments import train_arm
+from ddil_lab import notebook as nb
+from ddil_lab.image import TINY_NET, ImageBackend
+from ddil_lab.image.metrics import ImageEvaluator
+from ddil_lab.image.plots import grids, shift_curves
+from ddil_lab.train import train_arm
 
-teach.setup(threads=threads, seed=seed)
-rec = teach.Recorder(out_dir)
+nb.check_parameters()  # a mistyped papermill parameter stops the run here
+nb.setup(threads=threads, seed=seed)
+rec = nb.Recorder(out_dir)
 teacher_kw = {"net": TINY_NET} if tiny_net else {}
 sampler_kw = {"share": share, "buffer_size": buffer_size, "refresh_size": buffer_size // 4}
 table_keys = ["fid", "precision", "recall", "coverage", "tv", "diversity", "shift_sum"]
@@ -100,7 +103,7 @@ rec.figure("teacher", grids(results))
 # %% [markdown]
 # ## 2. Distil 4-step students, with and without DDIL
 #
-# Each arm trains with the same steps, batch and learning rate (`toy_experiments.train_arm`,
+# Each arm trains with the same steps, batch and learning rate (`ddil_lab.train.train_arm`,
 # the same arms as the toy table): *baseline* on forward-diffused states only; *ddil* with
 # half of each batch from rollouts (PD and DMD2: mixed teacher/student rollouts; LCM: the
 # student's own trajectories).
@@ -127,7 +130,7 @@ rec.figure("samples", grids(results))
 # samples per conditioning) and the summed covariate shift above the floor.
 
 # %%
-display(Markdown(teach.markdown_table(results, table_keys)))
+display(Markdown(nb.markdown_table(results, table_keys)))
 rec.log("table", results)
 
 # %% [markdown]

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -117,9 +119,12 @@ ddil_steps: list = [3, 4, 5]  # step counts of student rollouts
 # `experiments/train_full.py`); then the plan: each stage's steps, grid, teacher and states.
 
 # %%
-from ddil_lab import recipes
+from ddil_lab import notebook as nb
+from ddil_lab import sd
 
-recipe = recipes.from_namespace("lcm", globals())
+nb.check_parameters()  # a mistyped papermill parameter stops the run here
+
+recipe = sd.from_namespace("lcm", globals())
 print(recipe.summary())
 
 # %% [markdown]
@@ -133,13 +138,13 @@ print(recipe.summary())
 # note unless `metrics="required"`).
 
 # %%
-result = recipes.run_full(recipe, callbacks=[recipes.show_progress])
+result = sd.run_full(recipe, callbacks=[sd.show_progress])
 
 # %% [markdown]
 # ## Results
 #
 # Load the exported pipeline elsewhere with
-# `pipe, kw = ddil_lab.export.load_student_pipeline(path)` and sample with `pipe(prompt, **kw)`.
+# `pipe, kw = ddil_lab.sd.load_student_pipeline(path)` and sample with `pipe(prompt, **kw)`.
 
 # %%
-recipes.show_result(result)
+sd.show_result(result)

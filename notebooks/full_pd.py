@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -125,9 +127,12 @@ space: str = "v"  # loss and student prediction space: "v" or "x0"
 # `experiments/train_full.py`); then the plan: each stage's steps, grid, teacher and states.
 
 # %%
-from ddil_lab import recipes
+from ddil_lab import notebook as nb
+from ddil_lab import sd
 
-recipe = recipes.from_namespace("pd", globals())
+nb.check_parameters()  # a mistyped papermill parameter stops the run here
+
+recipe = sd.from_namespace("pd", globals())
 print(recipe.summary())
 
 # %% [markdown]
@@ -141,13 +146,13 @@ print(recipe.summary())
 # note unless `metrics="required"`).
 
 # %%
-result = recipes.run_full(recipe, callbacks=[recipes.show_progress])
+result = sd.run_full(recipe, callbacks=[sd.show_progress])
 
 # %% [markdown]
 # ## Results
 #
 # Load the exported pipeline elsewhere with
-# `pipe, kw = ddil_lab.export.load_student_pipeline(path)` and sample with `pipe(prompt, **kw)`.
+# `pipe, kw = ddil_lab.sd.load_student_pipeline(path)` and sample with `pipe(prompt, **kw)`.
 
 # %%
-recipes.show_result(result)
+sd.show_result(result)

@@ -8,10 +8,10 @@ import torch
 import yaml
 from launching import CONFIGS, TwoProcessSampler, finish, gloo, launch, per_process
 
-from ddil_lab.backends.toy2d import MLP
-from ddil_lab.checkpoint import flatten_state, latest_checkpoint, load_checkpoint
+from ddil_lab.toy.backend import MLP
+from ddil_lab.train.checkpoint import flatten_state, latest_checkpoint, load_checkpoint
 from ddil_lab.config import RunConfig, build
-from ddil_lab.fsdp import FSDPSettings, _units, settings_from
+from ddil_lab.train.fsdp import FSDPSettings, _units, settings_from
 from ddil_lab.rollout import StateSampler, StateSpec
 from ddil_lab.sampling import DDIMPolicy
 from ddil_lab.train import check_distill_args, distill

@@ -1,4 +1,4 @@
-"""The full tier's papermill notebooks and accelerate entry (ddil_lab.recipes) on tiny random
+"""The full tier's papermill notebooks and accelerate entry (ddil_lab.sd.recipes, ddil_lab.sd.run) on tiny random
 SD1.5 / SDXL pipelines, on CPU.
 
 Each notebook runs under papermill with ``model_id="tiny"`` and 2 training steps per stage (the
@@ -76,7 +76,7 @@ def notebook_jobs(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(notebook_jobs):
-    import ddil_lab.export  # noqa: F401  (the reload test's imports, while the kernels run)
+    import ddil_lab.sd.export  # noqa: F401  (the reload test's imports, while the kernels run)
 
     out = {}
     for name, (nb, run_dir, proc) in notebook_jobs.items():
@@ -92,7 +92,7 @@ def test_notebook_parameters_are_the_recipe_defaults(method):
 
     import papermill as pm
 
-    from ddil_lab.recipes import RECIPES
+    from ddil_lab.sd.recipes import RECIPES
 
     params = pm.inspect_notebook(str(NOTEBOOKS / f"full_{method}.ipynb"))
     fields = {f.name: f for f in dataclasses.fields(RECIPES[method])}
@@ -111,7 +111,7 @@ def test_notebook_parameters_are_the_recipe_defaults(method):
 
 
 def test_pd_plan_is_the_papers_protocol():
-    from ddil_lab.recipes import PDRecipe
+    from ddil_lab.sd.recipes import PDRecipe
 
     plan = PDRecipe(data="x").plan()
     got = [(s.name, s.n_steps, s.substeps, s.steps, s.teacher, s.init) for s in plan]
@@ -130,7 +130,7 @@ def test_pd_plan_is_the_papers_protocol():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_configs_load_and_validate(method):
-    from ddil_lab.recipes import RECIPES, load_config
+    from ddil_lab.sd.recipes import RECIPES, load_config
 
     r = load_config(CONFIGS / f"{method}.yaml")
     assert type(r) is RECIPES[method] and r.ddil and r.threshold == "dynamic"
@@ -153,7 +153,7 @@ def test_configs_load_and_validate(method):
     ({"batch_size": 5}, r"batch_size=5 is not allowed.*multiple of num_processes=2"),
 ])
 def test_bad_parameters_are_named(params, pattern):
-    from ddil_lab.recipes import make_recipe
+    from ddil_lab.sd.recipes import make_recipe
 
     with pytest.raises(ValueError, match=pattern):
         make_recipe("pd", model_id="tiny", **params).validate(num_processes=2)
@@ -182,7 +182,7 @@ def test_train_full_checks_like_the_notebooks(tmp_path, capsys):
 # ---- the notebooks ----
 @pytest.mark.parametrize("method", METHODS)
 def test_notebook_writes_samples_metrics_and_pipeline(runs, method):
-    from ddil_lab.export import load_student_pipeline
+    from ddil_lab.sd.export import load_student_pipeline
 
     r = runs[method]
     assert r["rc"] == 0, r["log"][-3000:]
@@ -244,7 +244,7 @@ def test_resume_loads_finished_stages(runs, tmp_path):
     """A run resumed from a finished one loads its student (bit for bit) instead of training."""
     from safetensors.torch import load_file
 
-    from ddil_lab import recipes
+    from ddil_lab import sd as recipes
 
     src = runs["lcm"]["dir"]
     assert runs["lcm"]["rc"] == 0

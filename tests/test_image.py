@@ -15,11 +15,12 @@ import torch
 from diffusers import DDIMScheduler
 
 from ddil_lab import hub
-from ddil_lab.backends.image import (ImageBackend, UNet, load_cifar10, load_digits,
+from ddil_lab.image import (ImageBackend, UNet, load_cifar10, load_digits,
                                      load_teacher, read_teacher_config, train_teacher)
 from ddil_lab.denoiser import CFG, PredEps, PredV, wrap
 from ddil_lab.diffusion import Schedule
-from ddil_lab.metrics import image as im
+from ddil_lab import metrics as cm
+from ddil_lab.image import metrics as im
 from ddil_lab.sampling import Trajectory, sample
 
 TINY_NET = dict(channels=(8, 16), layers_per_block=1, attention=(False, True), norm_groups=4)
@@ -212,7 +213,7 @@ def test_backend_contract(digits):
 def test_distill_api_runs_on_the_image_backend(digits):
     """The same distill(...) as every tier: PD with DDIL's mixed rollouts, and DMD2 with the
     optional GAN head on the critic UNet's mid-block features."""
-    from ddil_lab.distill import DMD2, PD
+    from ddil_lab.methods import DMD2, PD
     from ddil_lab.rollout import StateSampler
     from ddil_lab.train import distill
 
@@ -255,7 +256,7 @@ def test_train_teacher_resumes_exactly_and_loads(tmp_path, digits):
 
 
 def test_teacher_command_line(tmp_path, capsys):
-    from ddil_lab.backends.image import main
+    from ddil_lab.image.backend import main
     main(["--data", "digits", "--net", "tiny", "--steps", "2", "--batch-size", "4",
           "--ckpt-dir", str(tmp_path)])
     assert read_teacher_config(tmp_path)["step"] == 2
@@ -298,32 +299,32 @@ def test_frechet_distance_closed_forms():
 
     g = torch.Generator().manual_seed(0)
     f = torch.randn(500, 6, generator=g, dtype=torch.float64)
-    assert im.frechet_distance(f, f) < 1e-8
+    assert cm.frechet_distance(f, f) < 1e-8
     delta = torch.tensor([0.5, -1.0, 0.0, 2.0, 0.1, 0.3], dtype=torch.float64)
-    assert im.frechet_distance(f, f + delta) == pytest.approx(float(delta.pow(2).sum()), abs=1e-8)
+    assert cm.frechet_distance(f, f + delta) == pytest.approx(float(delta.pow(2).sum()), abs=1e-8)
     # stats form vs the textbook formula with scipy's sqrtm
     mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
     S1, S2 = _spd(6, g), _spd(6, g)
     ref = ((mu1 - mu2) ** 2).sum() + np.trace(S1.numpy() + S2.numpy()
                                               - 2 * sqrtm(S1.numpy() @ S2.numpy()).real)
-    assert im.frechet_distance_from_stats(mu1, S1, mu2, S2) == pytest.approx(float(ref), rel=1e-9)
+    assert cm.frechet_distance_from_stats(mu1, S1, mu2, S2) == pytest.approx(float(ref), rel=1e-9)
     # samples of two Gaussians: FD -> |mu1 - mu2|^2 + sum (s1 - s2)^2 for diagonal covariances
     s1, s2 = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([1.0, 1.5, 1.0])
     a = torch.randn(40000, 3, generator=g) * s1
     b = torch.randn(40000, 3, generator=g) * s2 + torch.tensor([1.0, 0.0, 0.0])
     closed = 1.0 + float(((s1 - s2) ** 2).sum())
-    assert im.frechet_distance(a, b) == pytest.approx(closed, rel=0.02)
-    assert im.frechet_distance(a[:20000], a[20000:]) < 0.01
+    assert cm.frechet_distance(a, b) == pytest.approx(closed, rel=0.02)
+    assert cm.frechet_distance(a[:20000], a[20000:]) < 0.01
 
 
 def test_precision_recall():
     g = torch.Generator().manual_seed(0)
     real = torch.cat([torch.randn(200, 2, generator=g) * 0.1,
                       torch.randn(200, 2, generator=g) * 0.1 + 5])
-    assert im.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
-    pr = im.precision_recall(real, real[:200])  # one of two modes: precise, half the recall
+    assert cm.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+    pr = cm.precision_recall(real, real[:200])  # one of two modes: precise, half the recall
     assert pr["precision"] == 1.0 and 0.45 < pr["recall"] < 0.55
-    assert im.precision_recall(real, real + 20)["precision"] == 0.0
+    assert cm.precision_recall(real, real + 20)["precision"] == 0.0
 
 
 # ---- mode coverage ----
@@ -351,34 +352,34 @@ def test_digits_classifier_is_accurate_and_matches_data(digits):
     x, _ = digits.get(torch.arange(len(digits)))
     m = im.mode_coverage(x, clf, digits.class_weights)
     assert m["coverage"] == 1.0 and m["tv"] < 0.05
-    feats = im.extract(im.ClassifierFeatures(clf), x)
+    feats = cm.extract(im.ClassifierFeatures(clf), x)
     assert feats.shape == (len(digits), 64)
     half = len(x) // 2
-    fid_data = im.frechet_distance(feats[:half], feats[half:])
+    fid_data = cm.frechet_distance(feats[:half], feats[half:])
     five = feats[:half][digits.labels[:half] < 5]  # a set that lost half of the modes
-    assert im.frechet_distance(five, feats[half:]) > 3 * fid_data
+    assert cm.frechet_distance(five, feats[half:]) > 3 * fid_data
 
 
 # ---- diversity ----
 @pytest.fixture(scope="module")
 def lpips_rand():
-    return im.lpips_model("alex", pretrained=False)  # package's linear layers, random trunk
+    return cm.lpips_model("alex", pretrained=False)  # package's linear layers, random trunk
 
 
 def test_lpips_diversity_protocol(lpips_rand):
     g = torch.Generator().manual_seed(0)
     same = torch.rand(1, 1, 16, 16, generator=g).expand(5, -1, -1, -1) * 2 - 1
-    assert im.lpips_diversity({0: same}, model=lpips_rand) == pytest.approx(0.0, abs=1e-6)
+    assert cm.lpips_diversity({0: same}, model=lpips_rand) == pytest.approx(0.0, abs=1e-6)
     a = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
     b = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1
     with torch.no_grad():
         da = [lpips_rand(a[i:i + 1], a[j:j + 1]).item() for i in range(3) for j in range(i + 1, 3)]
         db = [lpips_rand(b[i:i + 1], b[j:j + 1]).item() for i in range(4) for j in range(i + 1, 4)]
     want = (np.mean(da) + np.mean(db)) / 2  # mean over pairs, then over conditionings
-    assert im.lpips_diversity({"a": a, "b": b}, model=lpips_rand) == pytest.approx(want, rel=1e-5)
-    assert im.lpips_diversity([a, b], model=lpips_rand) == pytest.approx(want, rel=1e-5)
+    assert cm.lpips_diversity({"a": a, "b": b}, model=lpips_rand) == pytest.approx(want, rel=1e-5)
+    assert cm.lpips_diversity([a, b], model=lpips_rand) == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match=">= 2 samples"):
-        im.lpips_diversity({0: a[:1]}, model=lpips_rand)
+        cm.lpips_diversity({0: a[:1]}, model=lpips_rand)
 
 
 def test_weights_fail_fast_offline(tmp_path, monkeypatch):
@@ -386,14 +387,14 @@ def test_weights_fail_fast_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "host_reachable", lambda host, **kw: False)
     t0 = time.time()
     with pytest.raises(hub.OfflineError, match="alex trunk weights for LPIPS.*alexnet"):
-        im.lpips_model("alex")
+        cm.lpips_model("alex")
     with pytest.raises(hub.OfflineError, match="alex.*download.pytorch.org is unreachable"):
-        im.lpips_diversity(torch.zeros(2, 3, 8, 8))
+        cm.lpips_diversity(torch.zeros(2, 3, 8, 8))
     with pytest.raises(hub.OfflineError, match="Inception-v3 weights for FID"):
-        im.InceptionFeatures("torchvision")
+        cm.InceptionFeatures("torchvision")
     assert time.time() - t0 < 5
     with pytest.raises(ValueError, match="kind='tf' is not one of"):
-        im.InceptionFeatures("tf")
+        cm.InceptionFeatures("tf")
 
 
 # ---- covariate shift per step ----

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from ddil_lab.backends.toy2d import Toy2dBackend
+from ddil_lab.toy.backend import Toy2dBackend
 from ddil_lab.diffusion import timesteps
-from ddil_lab.distill import DMD2, LCM, PD, ConsistencyFn, make_method
-from ddil_lab.metrics import mmd, nll
+from ddil_lab.methods import DMD2, LCM, PD, ConsistencyFn, make_method
+from ddil_lab.metrics import mmd
+from ddil_lab.toy.metrics import nll
 from ddil_lab.rollout import SOURCES, StateSampler
 from ddil_lab.sampling import DDIMPolicy, sample
 from ddil_lab.train import distill, progressive

@@ -1,4 +1,4 @@
-"""The teaching notebooks and their library (``ddil_lab.teach``).
+"""The teaching notebooks and their library (``ddil_lab.toy.lessons``, ``ddil_lab.notebook``).
 
 - every ``notebooks/*.ipynb`` is in sync with its jupytext ``.py`` pair and has no outputs;
   a teaching notebook's ``parameters`` cell holds literals in ``name: type = value  # help``
@@ -87,6 +87,38 @@ def test_pair_in_sync_stripped_with_literal_parameters(ipynb):
                 assert PARAM_LINE.match(line), f"{py}: parameter line not `name: type = value  # help`: {line!r}"
 
 
+@pytest.mark.parametrize("ipynb", _ipynbs(), ids=os.path.basename)
+def test_the_cell_after_parameters_checks_injected_names(ipynb):
+    """Every notebook's first cell after ``parameters`` calls ``nb.check_parameters()``, so a
+    mistyped papermill ``-p`` name fails there instead of running with the defaults."""
+    jupytext = pytest.importorskip("jupytext")
+    cells = jupytext.read(ipynb).cells
+    i = next(k for k, c in enumerate(cells) if "parameters" in c.metadata.get("tags", ()))
+    after = next(c for c in cells[i + 1:] if c.cell_type == "code")
+    assert "nb.check_parameters()" in after.source, os.path.basename(ipynb)
+
+
+def test_check_parameters_names_the_unknown_and_the_closest_known():
+    from ddil_lab.notebook import check_parameters
+    params = 'out_dir: str = "x"  # h\nsteps: int = 3  # h\nseeds: list = [0]  # h\n'
+    with pytest.raises(ValueError, match=r"'stepz' \(did you mean 'steps'\?\)"):
+        check_parameters(["", params, "# Parameters\nstepz = -1\n"])
+    assert check_parameters(["", params, "# Parameters\nsteps = 2\nseeds = [1]\n"]) == \
+        ["steps", "seeds"]
+    assert check_parameters(["", params]) == []  # not run by papermill
+
+
+def test_a_papermill_typo_stops_the_notebook(tmp_path):
+    pytest.importorskip("papermill")
+    out = tmp_path / "out.ipynb"
+    r = subprocess.run([sys.executable, "-m", "papermill", os.path.join(NB_DIR, "02_mode_loss.ipynb"),
+                        str(out), "-p", "stepz", "1", "-p", "out_dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "'stepz' (did you mean 'steps'?)" in r.stderr + r.stdout
+    assert not (tmp_path / "run" / "metrics.json").exists()  # nothing ran past the check
+
+
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
     """Run every teaching notebook headless with its tiny parameters, all at once (separate
@@ -150,7 +182,7 @@ def test_notebook_runs_headless_and_records(executed, name):
 
 @pytest.fixture(scope="module")
 def ring():
-    from ddil_lab.backends.toy2d import Toy2dBackend
+    from ddil_lab.toy.backend import Toy2dBackend
     torch.set_num_threads(1)
     return Toy2dBackend("ring8", init_steps=30)
 
@@ -158,19 +190,19 @@ def ring():
 def test_teacher_reaches_the_same_modes_from_every_step(ring):
     """Oracle: continuing the (deterministic) teacher's own states with the teacher gives its
     own samples, so every row of its reachable-mode histogram is its sample histogram."""
-    from ddil_lab import teach
-    traj, cond = teach.teacher_trajectory(ring, 4, n=400)
-    h = teach.reachable_modes(ring, traj, cond, fine_steps=32)
+    from ddil_lab.toy.lessons import common, modes
+    traj, cond = common.teacher_trajectory(ring, 4, n=400)
+    h = modes.reachable_modes(ring, traj, cond, fine_steps=32)
     assert h.shape == (5, ring.gmm.K + 1)
     torch.testing.assert_close(h, h[-1:].expand_as(h), atol=1e-12, rtol=0)
     torch.testing.assert_close(h.sum(1), torch.ones(5, dtype=h.dtype))
-    s = teach.mode_summary(h)
+    s = modes.mode_summary(h)
     assert max(s["tv"]) < 1e-12 and all(5 < e <= 8 for e in s["effective_modes"])
 
 
 def test_snapshots_watch_without_disturbing_training(ring):
-    from ddil_lab import teach
-    from ddil_lab.distill import PD
+    from ddil_lab.toy.lessons import sources
+    from ddil_lab.methods import PD
     from ddil_lab.rollout import SOURCES, StateSampler
     from ddil_lab.train import distill
 
@@ -179,7 +211,7 @@ def test_snapshots_watch_without_disturbing_training(ring):
                                buffer_size=64, refresh_every=2)
         return distill(ring, PD(substeps=2), sampler, steps=6, batch_size=32, lr=1e-3,
                        progress=False, callbacks=callbacks, eval_every=2)
-    snap = teach.StateSnapshots(n=120)
+    snap = sources.StateSnapshots(n=120)
     plain, watched = run(()), run((snap,))
     assert [h["loss/student"] for h in plain.history] == [h["loss/student"] for h in watched.history]
     assert plain.sampler.nfe == watched.sampler.nfe
@@ -188,7 +220,7 @@ def test_snapshots_watch_without_disturbing_training(ring):
     assert set(fr) == set(SOURCES) and all(abs(sum(v[i] for v in fr.values()) - 1) < 1e-9
                                            for i in range(3))
     assert fr["forward"][-1] < 1.0  # rollout states are drawn too
-    only_student = teach.preview_sources(watched, 0, 0, 1, 0, n=20)
+    only_student = sources.preview_sources(watched, 0, 0, 1, 0, n=20)
     assert (only_student.source == SOURCES.index("student")).all()
     assert set(only_student.t.tolist()) == set(watched.method.grid.tolist())
 
@@ -197,7 +229,7 @@ def test_explorer_draws_static_then_redraws_on_change():
     pytest.importorskip("ipywidgets")
     from matplotlib.figure import Figure
 
-    from ddil_lab import teach
+    from ddil_lab import notebook
     calls = []
 
     def draw(a, b, c=0):
@@ -205,7 +237,7 @@ def test_explorer_draws_static_then_redraws_on_change():
         fig = Figure()
         fig.subplots().plot([0, 1], [a, a])
         return fig
-    ex = teach.Explorer(draw, {"a": (0.0, 1.0, 0.1), "b": bool}, {"a": 0.5, "b": True}, c=3)
+    ex = notebook.Explorer(draw, {"a": (0.0, 1.0, 0.1), "b": bool}, {"a": 0.5, "b": True}, c=3)
     assert isinstance(ex.static(), Figure) and calls == [(0.5, True, 3)]
     box = ex.show()
     assert box is not None and ex.show(enabled=False) is None
@@ -216,8 +248,8 @@ def test_explorer_draws_static_then_redraws_on_change():
 def test_recorder_and_verdict(tmp_path):
     from matplotlib.figure import Figure
 
-    from ddil_lab import teach
-    rec = teach.Recorder(str(tmp_path))
+    from ddil_lab import notebook
+    rec = notebook.Recorder(str(tmp_path))
     fig = Figure()
     fig.subplots().plot([0, 1])
     rec.figure("line", fig)
@@ -228,7 +260,18 @@ def test_recorder_and_verdict(tmp_path):
     assert os.path.getsize(out["figures"]["line"]) > 0 and "run/wall_s" in out["metrics"]
     rows = {"x": [{"m": v} for v in (1.0, 1.1, 0.9)], "y": [{"m": v} for v in (0.5, 0.6, 0.4)],
             "z": [{"m": v} for v in (1.0, 1.2, 0.8)], "one": [{"m": 0.0}]}
-    assert "clear" in teach.verdict(rows, "x", "y", "m")
-    assert "no difference" in teach.verdict(rows, "x", "z", "m")
-    assert "one seed" in teach.verdict(rows, "one", "x", "m")
-    assert "| x | 1 ± 0.1 |" in teach.markdown_table({"x": {"m": [1.0, 1.1, 0.9]}}, ["m"])
+    assert "clear" in notebook.verdict(rows, "x", "y", "m")
+    assert "no difference" in notebook.verdict(rows, "x", "z", "m")
+    assert "one seed" in notebook.verdict(rows, "one", "x", "m")
+    assert "| x | 1 ± 0.1 |" in notebook.markdown_table({"x": {"m": [1.0, 1.1, 0.9]}}, ["m"])
+
+
+def test_output_problems_finds_repeated_images_and_stray_values():
+    from ddil_lab.notebook import output_problems
+    img = {"output_type": "display_data", "data": {"image/png": "iVBOR", "text/plain": "<Image>"}}
+    stray = {"output_type": "execute_result", "data": {"text/plain": "'runs/x/metrics.json'"}}
+    fine = {"output_type": "execute_result", "data": {"text/plain": "3"}}
+    nb = {"cells": [{"outputs": [img]}, {"outputs": [img, fine]}, {"outputs": [stray]}]}
+    assert output_problems(nb) == ["cell 1 shows the same image as cell 0",
+                                   "cell 2 echoes a stray value: 'runs/x/metrics.json'"]
+    assert output_problems({"cells": [{"outputs": [img, fine]}]}) == []

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from ddil_lab.backends.toy2d import Toy2dBackend
-from ddil_lab.checkpoint import CheckpointError, flatten_state, latest_checkpoint, load_checkpoint
+from ddil_lab.toy.backend import Toy2dBackend
+from ddil_lab.train.checkpoint import CheckpointError, flatten_state, latest_checkpoint, load_checkpoint
 from ddil_lab.config import ConfigError, RunConfig, build
-from ddil_lab.distill import DMD2, PD
+from ddil_lab.methods import DMD2, PD
 from ddil_lab.hub import OfflineError
 from ddil_lab.rollout import SOURCES, StateSampler
 from ddil_lab.train import NonFiniteError, distill
@@ -67,7 +67,7 @@ if mode == "slow":
         return sample(self, *a, **k)
     StateSampler.sample = slow
 elif mode == "in_save":
-    import ddil_lab.checkpoint as ck
+    import ddil_lab.train.checkpoint as ck
     save_file, calls = ck.save_file, [0]
     def crash(tensors, path, *a, **k):
         calls[0] += 1
@@ -443,7 +443,9 @@ BAD_INPUTS = [  # (id, config, exception, message pattern)
 @pytest.mark.parametrize("name,config,exc,pattern", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_fails_fast_naming_parameter_value_and_allowed(name, config, exc, pattern,
                                                                  tmp_path, monkeypatch):
-    from ddil_lab.backends import image, sd, toy2d
+    from ddil_lab.image import backend as image
+    from ddil_lab.sd import backend as sd
+    from ddil_lab.toy import backend as toy2d
 
     def heavy(*a, **k):
         raise AssertionError("heavy work started before the settings were checked")

@@ -9,15 +9,15 @@ import time
 import pytest
 import torch
 
-from ddil_lab.backends.sd import (
+from ddil_lab.sd.backend import (
     LatentThreshold,
     SDBackend,
     load_pipeline,
     schedule_from_scheduler,
     unet_of,
 )
-from ddil_lab.backends.sd_tiny import make_tiny_pipeline
-from ddil_lab.data_t2i import LatentCache, load_image_captions, make_imagefolder, read_captions
+from ddil_lab.sd.tiny import make_tiny_pipeline
+from ddil_lab.sd.data import LatentCache, load_image_captions, make_imagefolder, read_captions
 from ddil_lab.denoiser import CFG
 from ddil_lab.diffusion import timesteps
 from ddil_lab.hub import OfflineError
@@ -127,8 +127,8 @@ def test_export_reload_samples_like_the_student(tiny, tmp_path, kind, sampler, g
     (999, 749, 500, 250) exactly like our sampler does."""
     from diffusers import DiffusionPipeline
 
-    from ddil_lab.distill.lcm import ConsistencyFn
-    from ddil_lab.export import export_pipeline, pipeline_kwargs
+    from ddil_lab.methods.lcm import ConsistencyFn
+    from ddil_lab.sd.export import export_pipeline, pipeline_kwargs
 
     if lora:
         pytest.importorskip("peft")
@@ -178,7 +178,7 @@ def backends(tiny, folder):
 @pytest.mark.parametrize("method", ["pd", "lcm", "dmd2"])
 @pytest.mark.parametrize("ddil", [False, True], ids=["base", "ddil"])
 def test_one_training_step_changes_the_student(backends, kind, method, ddil, tmp_path):
-    from ddil_lab.distill import DMD2, LCM, PD
+    from ddil_lab.methods import DMD2, LCM, PD
     from ddil_lab.rollout import StateSampler
     from ddil_lab.train import distill
 
@@ -196,7 +196,7 @@ def test_one_training_step_changes_the_student(backends, kind, method, ddil, tmp
     student = m.student.denoiser if method == "lcm" else m.student
     assert _changed(student, be.make_student()) > 1e-5
     if kind == "sd15" and not ddil:  # a DistillResult exports with the method's sampler
-        from ddil_lab.export import export_pipeline, pipeline_kwargs
+        from ddil_lab.sd.export import export_pipeline, pipeline_kwargs
 
         out = export_pipeline(be, res, tmp_path / "export")
         kw = pipeline_kwargs(out)
@@ -205,7 +205,7 @@ def test_one_training_step_changes_the_student(backends, kind, method, ddil, tmp
 
 
 def test_data_free_backend_trains_on_teacher_rollouts(tiny, tmp_path):
-    from ddil_lab.distill import PD
+    from ddil_lab.methods import PD
     from ddil_lab.rollout import StateSampler
     from ddil_lab.train import distill
 
@@ -224,8 +224,8 @@ def test_data_free_backend_trains_on_teacher_rollouts(tiny, tmp_path):
 
 
 def test_mixed_precision_and_gradient_checkpointing(tiny, tmp_path):
-    from ddil_lab.distill import PD
-    from ddil_lab.export import export_pipeline, load_student_pipeline
+    from ddil_lab.methods import PD
+    from ddil_lab.sd.export import export_pipeline, load_student_pipeline
     from ddil_lab.rollout import StateSampler
     from ddil_lab.train import distill
 
@@ -281,7 +281,7 @@ def test_data_loaders_and_latent_cache(tiny, folder, tmp_path):
     assert read_captions(tmp_path / "p.jsonl") == ["a", "b"]
     assert read_captions(tmp_path / "coco.json") == ["c"]
     with pytest.raises(FileNotFoundError, match="no metadata.jsonl"):
-        from ddil_lab.data_t2i import ImageCaptionFolder
+        from ddil_lab.sd.data import ImageCaptionFolder
         ImageCaptionFolder(tmp_path, 16)
 
 
@@ -305,7 +305,7 @@ def test_optimizer_helper_and_plot(tiny):
 
     import matplotlib.pyplot as plt
 
-    from ddil_lab.backends.sd import adamw
+    from ddil_lab.sd.backend import adamw
 
     be = SDBackend(tiny["sd15"], prompts=PROMPTS, guidance=2.0)
     st = be.make_student()
@@ -353,7 +353,7 @@ def tiny_clip(tmp_path_factory):
 def test_t2i_metrics_on_tiny_networks(tiny, tmp_path, tiny_clip):
     import lpips
 
-    from ddil_lab.metrics import t2i
+    from ddil_lab.sd import metrics as t2i
 
     be = SDBackend(tiny["sd15"], prompts=PROMPTS, guidance=3.0)
     gen = t2i.backend_generator(be, lambda g: be.teacher, n_steps=2)
@@ -380,7 +380,7 @@ def test_t2i_metrics_on_tiny_networks(tiny, tmp_path, tiny_clip):
 
 
 def test_metric_weights_fail_fast_offline():
-    from ddil_lab.metrics import t2i
+    from ddil_lab.sd import metrics as t2i
 
     t0 = time.time()
     with pytest.raises(OfflineError, match="ViT-g-14"):

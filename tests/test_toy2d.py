@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from ddil_lab.backends.toy2d import GMM, ExactTeacher, Toy2dBackend, embed, make_mixture
+from ddil_lab.toy.backend import GMM, ExactTeacher, Toy2dBackend, embed, make_mixture
 from ddil_lab.diffusion import Schedule, timesteps
-from ddil_lab.metrics import covariate_shift, mmd, mode_stats, nll, sliced_wasserstein
+from ddil_lab.metrics import mmd, sliced_wasserstein
+from ddil_lab.toy.metrics import covariate_shift, mode_stats, nll
 from ddil_lab.sampling import MixedPolicy, DDIMPolicy, sample
 
 S = Schedule()

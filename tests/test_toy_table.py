@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from ddil_lab import toy_experiments as tx
-from ddil_lab.backends.toy2d import Toy2dBackend
+from ddil_lab import toy as tx
+from ddil_lab import train
+from ddil_lab.toy.backend import Toy2dBackend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +28,7 @@ def ring():
 
 
 def test_seed_ensemble_routes_and_gives_each_member_its_own_gradient(ring):
-    view = tx.EnsembleBackend(ring, members=3)
+    view = train.EnsembleBackend(ring, members=3)
     ens = view.make_student()
     with torch.no_grad():  # make the members differ
         for k, member in enumerate(ens.members):
@@ -49,15 +50,15 @@ def test_seed_ensemble_routes_and_gives_each_member_its_own_gradient(ring):
 
 
 def test_arms_and_errors():
-    m, s = tx.make_arm("pd", "ddil+reflected")
+    m, s = train.make_arm("pd", "ddil+reflected")
     assert m.reflected and m.substeps == 8 and s.priors["beta_mixed"] == 0.5
-    _, s = tx.make_arm("lcm", "ddil")
+    _, s = train.make_arm("lcm", "ddil")
     assert s.priors["beta_student_bckwrd"] == 0.5
-    assert not tx.make_arm("dmd2", "baseline")[1].is_ddil
+    assert not train.make_arm("dmd2", "baseline")[1].is_ddil
     with pytest.raises(ValueError, match="arm='dagger'"):
-        tx.make_arm("pd", "dagger")
+        train.make_arm("pd", "dagger")
     with pytest.raises(ValueError, match="method='sd'"):
-        tx.make_sampler("sd", True)
+        train.make_sampler("sd", True)
     with pytest.raises(ValueError, match="setting='moons'"):
         tx.make_backend("moons")
 
@@ -91,7 +92,7 @@ def test_paired_deltas_against_hand_computed():
 def test_reflected_dmd2_samples_inside_the_support(ring, arm):
     """Reflected DMD2 samples (and rolls out) with the clamp it trains with; plain DMD2 does not
     clamp."""
-    method, _ = tx.make_arm("dmd2", arm)
+    method, _ = train.make_arm("dmd2", arm)
     method.setup(ring)
     with torch.no_grad():
         method.student.net.out.bias += 5.0  # push the raw generator far outside [-1, 1]
@@ -112,7 +113,7 @@ def test_toy_table_quick_writes_csv_md_and_figures(tmp_path):
     assert {"results.csv", "summary.csv", "table.md", "samples_ring8.png", "steps_ring8.png",
             "modes_ring8.png"} <= names
     students = [r for r in res["rows"] if r["method"] != "teacher"]
-    assert len(students) == 12 and {r["arm"] for r in students} == set(tx.ARMS)
+    assert len(students) == 12 and {r["arm"] for r in students} == set(train.ARMS)
     grid = [999, 749, 500, 250]
     _finite(res["rows"], ["nll", "mmd_x1e3", "sw_x1e3", "tv", "off_mode", "shift_sum",
                           "gap_sum", "drift_sum"] + [f"shift_t{t}" for t in grid])
@@ -129,7 +130,7 @@ def test_toy_table_quick_writes_csv_md_and_figures(tmp_path):
 
 
 def test_demo_tiny(tmp_path):
-    from ddil_lab import demo
+    from ddil_lab.toy import demo
     res = demo.main(["--quick", "--out", str(tmp_path)])
     assert {"table.md", "samples_demo.png", "steps_demo.png"} <= set(os.listdir(tmp_path))
     arms = [r for r in res.rows if r["method"] == "pd"]

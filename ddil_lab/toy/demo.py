@@ -1,6 +1,6 @@
 """Main job: distil a guided toy teacher into a 4-step PD student, with and without DDIL.
 
-    python -m ddil_lab.demo --out runs/demo
+    python -m ddil_lab.toy.demo --out runs/demo
 
 The teacher is the exact posterior mean of a class-conditional 2D mixture (2 classes x 4 modes
 on a ring, unequal weights) under classifier-free guidance w = 6, as text-to-image students are
@@ -36,7 +36,7 @@ KEYS = [("nll", "NLL", "{:.2f}", 1), ("mmd_x1e3", "MMD x1e3", "{:.0f}", 1),
 
 
 def _cell(rows, key, fmt, scale):
-    from .toy_experiments import mean_std
+    from .experiments import mean_std
     mu, sd = mean_std(r[key] for r in rows if key in r)
     return fmt.format(mu * scale) + (f" ± {fmt.format(sd * scale)}" if len(rows) > 1 else "")
 
@@ -69,7 +69,7 @@ def table(res, arms) -> str:
 
 def main(argv=None):
     torch.set_num_threads(1)  # tiny tensors: one thread is much faster on a shared CPU
-    from . import toy_experiments as tx
+    from . import experiments as tx
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="folder for the figures and table.md")

@@ -9,7 +9,7 @@
                      between the images of a prompt, averaged over prompts
 
 Images here are float tensors (N, 3, H, W) in [0, 1], what diffusers pipelines return; the
-feature networks and LPIPS of ``metrics.image`` (Frechet distance, ``InceptionFeatures``,
+feature networks and LPIPS of ``ddil_lab.metrics`` (Frechet distance, ``InceptionFeatures``,
 ``lpips_diversity``) take [-1, 1], and the conversion happens inside. A *generator* is any
 callable ``generate(prompts, seeds) -> images``: ``pipeline_generator`` wraps a diffusers
 pipeline (an exported student), ``backend_generator`` our sampler on an ``SDBackend``. Every
@@ -163,12 +163,12 @@ def clip_score(images: Images, prompts: Sequence[str], clip=None, model: str = "
     return float(torch.cat(sims).mean())
 
 
-# ---- FID and LPIPS diversity (metrics.image, on [-1, 1] images) ----
+# ---- FID and LPIPS diversity (ddil_lab.metrics, on [-1, 1] images) ----
 def fid(images: Images, reference: torch.Tensor, feature_fn=None) -> float:
     """FID of images ([0, 1]) against reference images ([0, 1]) or reference features (N, D).
     ``feature_fn`` maps [-1, 1] images to features (default: ``InceptionFeatures()`` of
-    ``metrics.image``)."""
-    from .image import InceptionFeatures, extract, frechet_distance
+    ``ddil_lab.metrics``)."""
+    from ..metrics import InceptionFeatures, extract, frechet_distance
 
     fn = feature_fn if feature_fn is not None else InceptionFeatures()
     ref = reference if reference.ndim == 2 else extract(fn, reference * 2 - 1)
@@ -179,8 +179,8 @@ def lpips_diversity_t2i(generate, prompts: Sequence[str], n_prompts: int = 50, n
                         lpips_model=None, seed: int = 0) -> float:
     """The paper's LPIPS diversity: ``n_prompts`` prompts (a seeded random subset when there are
     more), ``n_seeds`` images each (seeds 0..n_seeds-1), mean pairwise LPIPS per prompt,
-    averaged over prompts (``metrics.image.lpips_diversity``; default model: LPIPS-AlexNet)."""
-    from .image import lpips_diversity
+    averaged over prompts (``ddil_lab.metrics.lpips_diversity``; default model: LPIPS-AlexNet)."""
+    from ..metrics import lpips_diversity
 
     if len(prompts) > n_prompts:
         g = torch.Generator().manual_seed(seed)
@@ -226,17 +226,17 @@ def evaluate_t2i(generate, captions, out_dir: str | os.PathLike | None = None, *
     :param n_captions: use the first n captions (e.g. 5000 for COCO 2017-5K).
     :param seed: caption i is generated with seed ``seed + i``.
     :param feature_fn: FID feature network on [-1, 1] images (default:
-        ``metrics.image.InceptionFeatures()``).
+        ``ddil_lab.metrics.InceptionFeatures()``).
     :param clip: a loaded ``(model, tokenizer)``, else ``clip_model`` / ``clip_pretrained``;
         ``clip=False`` skips the CLIP score.
-    :param lpips_model: an ``lpips.LPIPS`` (default: ``metrics.image.lpips_model()``);
+    :param lpips_model: an ``lpips.LPIPS`` (default: ``ddil_lab.metrics.lpips_model()``);
         ``lpips_prompts=0`` skips LPIPS diversity.
     :param hps: True (required), False (skip) or "auto" (when the package and weights are there).
     :returns: dict with fid, clip_score, lpips_diversity, hpsv2 (None where skipped) and notes.
     """
     from tqdm.auto import tqdm
 
-    from ..data_t2i import read_captions
+    from .data import read_captions
 
     caps = read_captions(captions) if isinstance(captions, (str, os.PathLike)) else list(captions)
     caps = caps[:n_captions] if n_captions else caps
@@ -245,7 +245,7 @@ def evaluate_t2i(generate, captions, out_dir: str | os.PathLike | None = None, *
     # load every network first, so a missing weight fails before any image is generated
     feats = None
     if reference is not None:
-        from .image import InceptionFeatures, extract
+        from ..metrics import InceptionFeatures, extract
 
         feature_fn = feature_fn if feature_fn is not None else InceptionFeatures()
         ref = reference if reference.ndim == 2 else extract(feature_fn, reference * 2 - 1)
@@ -282,7 +282,7 @@ def evaluate_t2i(generate, captions, out_dir: str | os.PathLike | None = None, *
                 hps = False
     n = res["n_images"]
     if feats is not None:
-        from .image import frechet_distance
+        from ..metrics import frechet_distance
 
         res["fid"] = float(frechet_distance(torch.cat(feats), ref))
     if clip is not False:

@@ -27,11 +27,11 @@ import os
 import torch
 from torch import nn
 
-from ..data_t2i import LatentCache, load_image_captions, read_captions, sample_latents, vae_moments
+from .data import LatentCache, load_image_captions, read_captions, sample_latents, vae_moments
 from ..denoiser import CFG, wrap
 from ..diffusion import Schedule, Threshold, threshold
 from ..hub import OfflineError, require_download
-from .base import Backend
+from ..backend import Backend
 
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}

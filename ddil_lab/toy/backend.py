@@ -24,7 +24,8 @@ from torch import nn
 
 from ..denoiser import CFG, PredV
 from ..diffusion import Schedule, Threshold
-from .base import Backend
+from ..backend import Backend
+from ..train.settings import check_names, fail, is_int, reuse
 
 
 class GMM:
@@ -335,5 +336,29 @@ class Toy2dBackend(Backend):
         return copy.deepcopy(self.init_net).train().requires_grad_(True)
 
     def plot_samples(self, x, ax, **kw):
-        from ..plots import scatter2d
+        from .plots import scatter2d
         return scatter2d(x, ax, gmm=self.gmm, **kw)
+
+
+def check_params(p: dict) -> None:
+    """Check the toy backend's settings ``p`` (a config's ``backend`` section) before any
+    teacher is trained; raises ``ConfigError`` naming ``backend.<key>``."""
+    check_names("backend", p, Toy2dBackend, "the toy2d backend")
+    sched = p.get("schedule")
+    if isinstance(sched, dict):
+        reuse("backend.schedule", Schedule, **sched)
+    elif isinstance(sched, str):
+        reuse("backend.schedule", Schedule, sched)
+    gmm = reuse("backend", make_mixture, p.get("mixture", "ring8"), p.get("dim", 2))
+    teacher = p.get("teacher", "exact")
+    if teacher not in ("exact", "mlp"):
+        fail("backend.teacher", teacher, "'exact' (closed form) or 'mlp' (trained here)")
+    g = p.get("guidance", 1.0)
+    if not (isinstance(g, (int, float)) and g >= 1.0):
+        fail("backend.guidance", g, "a number >= 1 (1 = no guidance)")
+    if g != 1.0 and gmm.labels is None:
+        fail("backend.guidance", g, "1.0 for this mixture, or a class-conditional mixture "
+              "such as 'ring8_cond'", f"mixture {gmm.name!r} has no classes to guide")
+    for k in ("init_steps", "hidden"):
+        if k in p and not (is_int(p[k]) and p[k] >= 1):
+            fail(f"backend.{k}", p[k], "a positive int")

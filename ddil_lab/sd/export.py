@@ -31,8 +31,8 @@ import os
 
 import torch
 
-from .backends.sd import DIFFUSERS_PREDICTION, unet_of
-from .diffusion import timesteps
+from .backend import DIFFUSERS_PREDICTION, unet_of
+from ..diffusion import timesteps
 
 SAMPLERS = ("ddim", "consistency")
 INFO_FILE = "ddil_student.json"
@@ -77,7 +77,7 @@ def _merged_unet(student) -> torch.nn.Module:
 
 def _infer(student, method):
     """(sampler, timestep_scaling) from the method (or the student's wrapper type)."""
-    from .sampling import ConsistencyPolicy
+    from ..sampling import ConsistencyPolicy
 
     scaling = getattr(student, "scaling", None)  # ConsistencyFn (LCM) has one
     if method is not None:

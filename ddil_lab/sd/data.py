@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .hub import require_download
+from ..hub import require_download
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -1,0 +1,297 @@
+"""Notebook helpers every tier's notebooks share: one thread and a seed (``setup``), a
+``Recorder`` that saves figures as PNG and scalars in ``metrics.json`` for readers and tests,
+Markdown tables of per-seed metrics (mean ± std), a verdict between two arms from their seeds,
+and ``explore``: a figure with widget controls and a static fallback for headless runs.
+Nothing here knows a tier: it imports matplotlib, IPython and ipywidgets lazily or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def setup(threads: int = 1, seed: int = 0) -> None:
+    """One intra-op thread (toy tensors are tiny: ~30x faster on a busy 2-core machine) and a
+    seed."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+
+def _show_png(path_or_fig, dpi: int = 90) -> None:
+    """Display a PNG file, or a figure rendered to PNG, in a notebook (whatever matplotlib
+    backend is active; nothing outside IPython)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    if get_ipython() is None:
+        return
+    if isinstance(path_or_fig, str):
+        display(Image(filename=path_or_fig))
+        return
+    import io
+    buf = io.BytesIO()
+    path_or_fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    display(Image(data=buf.getvalue()))
+
+
+def _scalar_items(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _scalar_items(v, key + "/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield key, float(v)
+
+
+class Recorder:
+    """What a notebook run leaves behind for readers and tests: figures as PNG files and
+    scalar metrics in ``metrics.json`` under ``out_dir``.
+
+    ``rec.figure("name", fig)`` saves the figure and shows the saved PNG;
+    ``rec.log(prefix, {...})`` adds scalars (nested dicts are flattened as ``a/b``, non-scalars
+    are dropped); ``rec.save()`` writes ``metrics.json``: ``{"metrics": {name: value},
+    "figures": {name: png path}}``.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+        os.makedirs(out_dir, exist_ok=True)
+        self.metrics: dict[str, float] = {}
+        self.paths: dict[str, str] = {}  # figure name -> PNG
+
+    def figure(self, name: str, fig, dpi: int = 90) -> None:
+        """Save ``fig`` as ``name.png`` and show that PNG (rendered once: the same file the
+        tests read; its path is ``self.paths[name]``)."""
+        path = os.path.join(self.out_dir, f"{name}.png")
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        self.image(name, path)
+
+    def image(self, name: str, path: str) -> None:
+        """Show an existing PNG (e.g. a figure the toy table wrote) and list it as a figure
+        of this run under ``name``."""
+        self.paths[name] = path
+        _show_png(path)
+
+    def log(self, prefix: str, values: dict) -> None:
+        for k, v in _scalar_items(values, f"{prefix}/" if prefix else ""):
+            self.metrics[k] = v
+
+    def save(self) -> str:
+        """Write ``metrics.json``, with the run's wall and CPU seconds so far (``run/*``)."""
+        self.metrics["run/wall_s"] = time.perf_counter() - self._t0
+        self.metrics["run/cpu_s"] = time.process_time() - self._c0
+        path = os.path.join(self.out_dir, "metrics.json")
+        with open(path, "w") as f:
+            json.dump({"metrics": self.metrics, "figures": self.paths}, f, indent=1,
+                      allow_nan=True)
+        return path
+
+
+def markdown_table(rows: dict[str, dict], keys, fmt: str = "{:.3g}") -> str:
+    """A Markdown table, one row per name; a value given as a list of seeds shows as
+    mean ± std."""
+    def cell(v):
+        if isinstance(v, (list, tuple)):
+            v = [float(x) for x in v]
+            if len(v) > 1:
+                mu = sum(v) / len(v)
+                sd = math.sqrt(sum((x - mu) ** 2 for x in v) / (len(v) - 1))
+                return f"{fmt.format(mu)} ± {fmt.format(sd)}"
+            v = v[0]
+        return fmt.format(v) if isinstance(v, (int, float)) else str(v)
+    lines = ["| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(r.get(k, float("nan"))) for k in keys) + " |"
+              for name, r in rows.items()]
+    return "\n".join(lines)
+
+
+def seed_lists(rows: list[dict]) -> dict:
+    """Per-seed metric dicts -> one dict of lists (scalars only), for tables and logging."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float))]
+    return {k: [r[k] for r in rows] for k in keys}
+
+
+def seed_mean(rows: list[dict]) -> dict:
+    """Per-seed metric dicts -> their mean (scalars only)."""
+    return {k: sum(v) / len(v) for k, v in seed_lists(rows).items()}
+
+
+def verdict(rows: dict, a: str, b: str, key: str = "mmd_x1e3", lower_is_better: bool = True
+            ) -> str:
+    """One honest sentence comparing arm ``b`` with arm ``a`` on a metric over seeds: the
+    change of the mean, in units of its standard error (from the seeds' spread). Within 1 SE:
+    no difference; 1-2 SE: suggestive; above 2 SE: clear. One seed: no error bar."""
+    va, vb = [r[key] for r in rows[a]], [r[key] for r in rows[b]]
+    ma, mb = sum(va) / len(va), sum(vb) / len(vb)
+    if len(va) > 1 and len(vb) > 1:
+        sa = sum((x - ma) ** 2 for x in va) / (len(va) - 1)
+        sb = sum((x - mb) ** 2 for x in vb) / (len(vb) - 1)
+        se = math.sqrt(sa / len(va) + sb / len(vb))
+    else:
+        se = float("nan")
+    word = "better" if ((mb < ma) if lower_is_better else (mb > ma)) else "worse"
+    d = abs(mb - ma)
+    if math.isnan(se):
+        tail = "one seed only: no error bar; rerun with more seeds before concluding"
+    elif d <= se:
+        tail = f"within 1 standard error ({se:.3g}): no difference"
+    elif d <= 2 * se:
+        tail = f"{d / se:.1f} standard errors ({se:.3g}): suggestive, not clear"
+    else:
+        tail = f"{d / se:.1f} standard errors ({se:.3g}): clear"
+    return (f"{key}: {a} {ma:.3g} -> {b} {mb:.3g}, {word} by {d:.3g} "
+            f"({len(va)} vs {len(vb)} seeds); {tail}.")
+
+
+def _control(name: str, spec, value):
+    import ipywidgets as w
+    style = {"description_width": "initial"}
+    if isinstance(spec, w.ValueWidget):
+        return spec
+    if isinstance(value, bool) or spec is bool:
+        return w.Checkbox(value=bool(value), description=name, style=style)
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(v, str) for v in spec):
+        return w.Dropdown(options=list(spec), value=value, description=name, style=style)
+    if isinstance(spec, tuple) and len(spec) in (2, 3):
+        lo, hi = spec[0], spec[1]
+        if all(isinstance(v, int) for v in spec) and isinstance(value, int):
+            return w.IntSlider(value=value, min=lo, max=hi, step=spec[2] if len(spec) == 3 else 1,
+                               description=name, style=style, continuous_update=False)
+        return w.FloatSlider(value=float(value), min=lo, max=hi,
+                             step=spec[2] if len(spec) == 3 else (hi - lo) / 20,
+                             description=name, style=style, continuous_update=False)
+    raise ValueError(f"control {name}={spec!r}: give (min, max[, step]), a list of strings, "
+                     f"bool, or an ipywidgets widget")
+
+
+class Explorer:
+    """A figure with controls: ``draw(**values) -> Figure``.
+
+    ``static()`` draws the figure for the starting ``values`` (shown as a plain PNG, it stays in
+    headless runs, exported notebooks and viewers without widgets). Where ipywidgets renders,
+    ``show()`` adds the ``controls``; moving one redraws the figure below them. ``fixed``
+    keywords are passed to every draw.
+    """
+
+    def __init__(self, draw: Callable, controls: dict, values: dict, **fixed):
+        self.draw, self.controls, self.values, self.fixed = draw, controls, dict(values), fixed
+        self.widgets: dict = {}
+        self.output = None
+        self.redraws = 0
+
+    def static(self):
+        return self.draw(**self.values, **self.fixed)
+
+    def _update(self, _change=None):
+        self.values.update({k: wd.value for k, wd in self.widgets.items()})
+        self.output.clear_output(wait=True)
+        with self.output:
+            _show_png(self.draw(**self.values, **self.fixed))
+        self.redraws += 1
+
+    def show(self, enabled: bool = True):
+        """Display the controls (returns the box, or None when disabled or without ipywidgets)."""
+        if not enabled:
+            return None
+        try:
+            import ipywidgets as w
+            from IPython.display import display
+        except ImportError:  # no widgets: the static figure is all there is
+            return None
+        self.widgets = {k: _control(k, spec, self.values[k]) for k, spec in self.controls.items()}
+        self.output = w.Output()
+        for wd in self.widgets.values():
+            wd.observe(self._update, names="value")
+        controls = w.HBox(list(self.widgets.values()), layout=w.Layout(flex_flow="row wrap"))
+        box = w.VBox([controls, self.output])
+        display(box)
+        return box
+
+
+def explore(draw: Callable, controls: dict, values: dict, recorder: Recorder | None = None,
+            name: str | None = None, widgets: bool = True, **fixed) -> None:
+    """Draw ``draw(**values, **fixed)`` as a static figure and show it (through the recorder,
+    which saves it as ``name``), then, if ``widgets``, show ``controls`` (``name -> (min, max,
+    step)``, a list of choices, or bool) that redraw it (see ``Explorer``)."""
+    ex = Explorer(draw, controls, values, **fixed)
+    fig = ex.static()
+    if recorder is not None and name:
+        recorder.figure(name, fig)
+    else:
+        _show_png(fig)
+    ex.show(widgets)
+
+
+def _assigned_names(src: str) -> list[str]:
+    import ast
+    names = []
+    for node in ast.parse(src).body:
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else \
+            node.targets if isinstance(node, ast.Assign) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def check_parameters(history: list[str] | None = None) -> list[str]:
+    """Stop a papermill run whose injected parameters the notebook does not define.
+
+    papermill runs a notebook's ``parameters`` cell, then its own injected cell (which starts
+    with ``# Parameters``) and only warns about names it does not know, so ``-p stepz 1`` would
+    run the whole notebook with its defaults. Call this first in the cell after the parameters:
+    it reads the cells this kernel ran (IPython's ``In``, or ``history``), and raises a
+    ``ValueError`` naming each unknown injected name and the closest known one. Returns the
+    injected names (empty outside papermill)."""
+    import difflib
+
+    if history is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return []
+        ip = get_ipython()
+        history = list(ip.user_ns.get("In", [])) if ip is not None else []
+    injected = [i for i, src in enumerate(history) if src.lstrip().startswith("# Parameters")]
+    if not injected or injected[-1] == 0:
+        return []
+    i = injected[-1]
+    known, given = _assigned_names(history[i - 1]), _assigned_names(history[i])
+    unknown = [n for n in given if n not in known]
+    if unknown:
+        lines = []
+        for n in unknown:
+            close = difflib.get_close_matches(n, known, n=1, cutoff=0.5)
+            lines.append(f"{n!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"unknown notebook parameter(s) {', '.join(lines)}; this notebook's "
+                         f"parameters are: {', '.join(known)}")
+    return given
+
+
+def output_problems(nb: dict) -> list[str]:
+    """What a reader should not see in an executed notebook (its JSON as a dict): the same image
+    shown twice, and stray values such as a path string echoed as a cell's last expression.
+    Returns one message per problem (empty: clean). The notebook tests run it on every notebook.
+    """
+    problems, seen = [], {}
+    for i, cell in enumerate(nb.get("cells", [])):
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            png = data.get("image/png")
+            if png:
+                key = "".join(png) if isinstance(png, list) else png
+                if key in seen:
+                    problems.append(f"cell {i} shows the same image as cell {seen[key]}")
+                seen.setdefault(key, i)
+            if out.get("output_type") == "execute_result" and set(data) == {"text/plain"}:
+                text = "".join(data["text/plain"]).strip()
+                if text[:1] in "'\"" or text.startswith(("<Figure", "<matplotlib", "[<matplotlib")):
+                    problems.append(f"cell {i} echoes a stray value: {text[:80]}")
+    return problems

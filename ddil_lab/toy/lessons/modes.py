@@ -1,0 +1,223 @@
+"""Lesson 02, mode loss (DDIL paper, Sec. 3.3): which modes stay reachable from the states a
+policy visits at each step (the teacher continues each state to t = -1), per method and arm."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from matplotlib.figure import Figure
+
+from ...sampling import DDIMPolicy, Trajectory
+from ...train.arms import MemberView
+from ..experiments import TeacherSampler, make_reference
+from ..plots import mode_histogram
+from .common import plot_limit, shade_density, step_labels
+from .shift import trajectory_metrics
+
+
+@torch.no_grad()
+def reached_modes(backend, x_t, t: int, cond=None, fine_steps: int = 32, teacher=None,
+                  off_mode_sigma: float = 4.0) -> torch.Tensor:
+    """The mode each state x_t leads to when the teacher continues it: DDIM on the
+    ``fine_steps`` grid from t down to t = -1 (t = -1: the state itself), then the nearest
+    component; K (one past the last mode) for end points further than ``off_mode_sigma``
+    (Mahalanobis) from every mode. Shape (B,), integers in [0, K]."""
+    if int(t) >= 0:
+        pol = DDIMPolicy(teacher or backend.teacher, backend.schedule, fine_steps=fine_steps)
+        x_t = pol.step(x_t, int(t), -1, cond)[0]
+    k, dist = backend.gmm.assign(x_t)
+    return torch.where(dist <= off_mode_sigma, k, torch.full_like(k, backend.gmm.K))
+
+
+@torch.no_grad()
+def reachable_modes(backend, traj: Trajectory, cond=None, fine_steps: int = 32,
+                    teacher=None, off_mode_sigma: float = 4.0) -> torch.Tensor:
+    """Which modes are still reachable at each step of a trajectory (paper, Sec. 3.3: diversity
+    lost at an early step cannot come back later).
+
+    Row i (i < len(grid)): the histogram of ``reached_modes`` of the states at ``grid[i]``
+    over the K modes plus a last column for off-mode end points. The last row is the policy's
+    own samples. Shape (len(grid) + 1, K + 1), rows sum to 1.
+    """
+    K = backend.gmm.K
+    rows = []
+    for x, t in zip(traj.xs, traj.grid + [-1]):
+        k = reached_modes(backend, x, t, cond, fine_steps, teacher, off_mode_sigma)
+        rows.append(torch.bincount(k, minlength=K + 1).double() / len(k))
+    return torch.stack(rows)
+
+
+def mode_summary(hist: torch.Tensor, ref: torch.Tensor | None = None,
+                 min_frac: float = 0.005) -> dict[str, list[float]]:
+    """Per row of ``reachable_modes``: ``effective_modes`` (exp of the entropy of the on-mode
+    histogram: K for a uniform spread, 1 for a single mode), ``reached`` (modes holding at least
+    ``min_frac`` of the samples), ``off_mode``, and ``tv`` to ``ref`` (an on-mode histogram,
+    e.g. the teacher's samples; by default the first row's)."""
+    on = hist[:, :-1]
+    p = on / on.sum(1, keepdim=True).clamp_min(1e-12)
+    ent = -(p * p.clamp_min(1e-12).log()).sum(1)
+    ref = p[0] if ref is None else (ref[:-1] if len(ref) == hist.shape[1] else ref)
+    ref = ref / ref.sum()
+    return {"effective_modes": ent.exp().tolist(),
+            "reached": (on >= min_frac).sum(1).double().tolist(),
+            "off_mode": hist[:, -1].tolist(),
+            "tv": (0.5 * (p - ref[None]).abs().sum(1)).tolist()}
+
+
+@dataclass
+class ModeStudy:
+    """Notebook 02's results: ``hists[name]`` (mean over seeds) and ``per_seed[name]`` (list) of
+    ``reachable_modes``; ``summary[name]`` the ``mode_summary`` of the mean histogram, against
+    the teacher's samples; ``trajs[name]`` seed 0's trajectory (labels ``cond``); ``rows[name]``
+    per-seed sample metrics (``trajectory_metrics``) and mode-loss summaries."""
+    backend: object
+    grid: list
+    cond: object = None
+    fine_steps: int = 32
+    trajs: dict = field(default_factory=dict)
+    hists: dict = field(default_factory=dict)
+    per_seed: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def mode_study(backend, students: dict[str, list[MemberView]], n_eval: int = 2000,
+               n_steps: int = 4, fine_steps: int = 32, ref_seed: int = 1234) -> ModeStudy:
+    """Reachable modes per step for the teacher (walking the ``fine_steps`` grid), the
+    teacher's plain n-step DDIM and every trained student (``students``: name -> seeds), all
+    from the same noise x_T and labels, so every policy starts from the same reachable modes
+    and the teacher's samples from that noise are the reference of every ``tv``."""
+    ref = make_reference(backend, n=n_eval, n_steps=n_steps, seed=ref_seed)
+    study = ModeStudy(backend, ref.grid, ref.cond, fine_steps)
+    runs = {"teacher": [TeacherSampler(backend, ref.grid, fine_steps).sample(ref.x_T, ref.cond)],
+            f"teacher DDIM-{n_steps}": [TeacherSampler(backend, ref.grid, None)
+                                        .sample(ref.x_T, ref.cond)]}
+    for name, views in students.items():
+        runs[name] = [v.sample(ref.x_T, ref.cond) for v in views]
+    teacher_ref = None
+    for name, trajs in runs.items():
+        hs = [reachable_modes(backend, tr, ref.cond, fine_steps) for tr in trajs]
+        study.per_seed[name] = hs
+        study.hists[name] = torch.stack(hs).mean(0)
+        if teacher_ref is None:
+            teacher_ref = study.hists[name][-1]
+        study.summary[name] = mode_summary(study.hists[name], teacher_ref)
+        study.trajs[name] = trajs[0]
+        study.rows[name] = [trajectory_metrics(tr, backend, ref, n_ref=min(20000, 4 * n_eval))
+                            for tr in trajs]
+        for r, h in zip(study.rows[name], hs):
+            s = mode_summary(h, teacher_ref)
+            r["effective_modes_final"] = s["effective_modes"][-1]
+            r["effective_modes_min"] = min(s["effective_modes"])
+            r["tv_first_step"] = s["tv"][1] if len(s["tv"]) > 1 else s["tv"][0]
+    return study
+
+
+def reachable_heatmaps(study, names=None, size=(2.6, 2.4)) -> Figure:
+    """One heatmap per policy: rows are the steps of its trajectory (noise at the top, its
+    samples at the bottom), columns the modes (and off-mode); colour is the fraction of states
+    whose teacher continuation lands in that mode. A column fading out downwards is a mode the
+    policy stopped reaching at that step."""
+    names = names or list(study.hists)
+    ncols = min(4, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig = Figure(figsize=(size[0] * ncols + 1.0, size[1] * nrows + 0.3), layout="constrained")
+    axs = fig.subplots(nrows, ncols, squeeze=False)
+    vmax = max(float(h[:, :-1].max()) for h in study.hists.values())
+    im = None
+    for ax in axs.flat[len(names):]:
+        ax.axis("off")
+    K = study.backend.gmm.K
+    for i, (ax, name) in enumerate(zip(axs.flat, names)):
+        im = ax.imshow(study.hists[name].numpy(), aspect="auto", cmap="viridis", vmin=0,
+                       vmax=vmax)
+        ax.set_title(name, fontsize=9)
+        ax.set_yticks(range(len(study.grid) + 1))
+        ax.set_yticklabels(step_labels(study.grid) if i % ncols == 0 else [], fontsize=7)
+        ax.set_xticks(range(K + 1))
+        ax.set_xticklabels([str(k) for k in range(K)] + ["off"], fontsize=6)
+        if i >= len(names) - ncols:
+            ax.set_xlabel("mode reached by the teacher", fontsize=7)
+    if im is not None:
+        fig.colorbar(im, ax=axs.ravel().tolist(), shrink=0.8, label="fraction of states")
+    return fig
+
+
+def reach_map(study, name: str, step: int = 1, n_show: int = 1500, size: float = 3.0
+              ) -> Figure:
+    """Where each state leads: the states of policy ``name`` (seed 0) at student step ``step``
+    (0 = x_T, len(grid) = its samples) over q_t, coloured by the mode the teacher reaches from
+    them (grey: off-mode), and the histogram of those modes against the teacher's samples.
+    For a dropdown and a slider."""
+    b, grid = study.backend, study.grid
+    step = max(0, min(int(step), len(grid)))
+    t = grid[step] if step < len(grid) else -1
+    x = study.trajs[name].xs[step]
+    k = reached_modes(b, x, t, study.cond, study.fine_steps)
+    K = b.gmm.K
+    fig = Figure(figsize=(size * 2.2, size))
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
+    lim = plot_limit(b.schedule, t)
+    shade_density(ax, b, t, lim)
+    cmap = __import__("matplotlib").colormaps["tab10"]
+    colors = [cmap(int(j) % 10) if j < K else (0.6, 0.6, 0.6, 1.0) for j in k[:n_show].tolist()]
+    xs = x[:n_show].detach().float()
+    ax.scatter(xs[:, 0], xs[:, 1], s=4, c=colors, linewidths=0, alpha=0.8)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    where = f"t = {t}" if t >= 0 else "the end (samples)"
+    ax.set_title(f"{name}: states at {where}", fontsize=9)
+    h = torch.bincount(k, minlength=K + 1).double() / len(k)
+    ref = study.hists["teacher"][-1]
+    bx.bar(range(K + 1), h.numpy(), color=[cmap(j % 10) for j in range(K)] + [(0.6,) * 3])
+    bx.scatter(range(K + 1), ref.numpy(), marker="_", s=200, color="k", zorder=3,
+               label="teacher's samples")
+    bx.set_xticks(range(K + 1))
+    bx.set_xticklabels([str(j) for j in range(K)] + ["off"], fontsize=7)
+    bx.set_title("modes the teacher reaches from them", fontsize=9)
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def effective_modes(study, names=None, size=(3.6, 2.8)) -> Figure:
+    """Per step: the effective number of reachable modes (exp entropy) and the total variation
+    between the reachable-mode histogram and the teacher's samples, one line per policy."""
+    names = names or list(study.summary)
+    fig = Figure(figsize=(size[0] * 2, size[1]))
+    axs = fig.subplots(1, 2)
+    x = list(range(len(study.grid) + 1))
+    for i, name in enumerate(names):
+        s = study.summary[name]
+        style = "--" if name.startswith("teacher") else "-"
+        axs[0].plot(x, s["effective_modes"], style, marker="o", ms=3, color=f"C{i}", label=name)
+        axs[1].plot(x, s["tv"], style, marker="o", ms=3, color=f"C{i}", label=name)
+    for ax, title in zip(axs, ("effective reachable modes (exp entropy)",
+                               "TV to the teacher's mode weights")):
+        ax.set_xticks(x)
+        ax.set_xticklabels(step_labels(study.grid), fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axs[0].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def final_mode_bars(study, names=None, size=(7.5, 2.6)) -> Figure:
+    """Mode frequencies of the final samples per policy (mean and std over seeds) against the
+    teacher's samples."""
+    names = names or [n for n in study.per_seed if not n.startswith("teacher")]
+    fig = Figure(figsize=size)
+    ax = fig.subplots()
+    hists = {n: torch.stack([h[-1, :-1] for h in study.per_seed[n]]) for n in names}
+    mode_histogram(ax, hists, weights=study.hists["teacher"][-1, :-1],
+                   title="where the samples land (black: the 32-step teacher)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
