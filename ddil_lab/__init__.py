@@ -22,15 +22,17 @@ _EXPORTS = {
     "PD": ".methods", "LCM": ".methods", "DMD2": ".methods", "make_method": ".methods",
     # the loop
     "distill": ".train", "progressive": ".train", "DistillResult": ".train",
-    "train_arm": ".train", "make_arm": ".train",
+    "train_arm": ".train", "make_arm": ".train", "train_cells": ".train", "Budget": ".train",
+    "shift_diagnostic": ".shift", "ShiftReport": ".shift", "class_mixture": ".toy", "ConfigError": ".validation",
     # tiers
     "Toy2dBackend": ".toy", "make_mixture": ".toy", "MIXTURES": ".toy", "GMM": ".toy",
-    "ImageBackend": ".image", "SDBackend": ".sd",
+    "ImageBackend": ".image", "SDBackend": ".sd", "plan_memory": ".sd",
+    "make_random_pipeline": ".sd", "Tracker": ".train",
     # subpackages and modules
     "diffusion": ".diffusion", "denoiser": ".denoiser", "sampling": ".sampling",
     "rollout": ".rollout", "methods": ".methods", "metrics": ".metrics", "train": ".train",
     "toy": ".toy", "image": ".image", "sd": ".sd", "config": ".config",
-    "notebook": ".notebook", "hub": ".hub",
+    "notebook": ".notebook", "hub": ".hub", "shift": ".shift", "validation": ".validation",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

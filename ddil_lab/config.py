@@ -60,7 +60,7 @@ class BackendConfig:
             getattr(sched, "T", 1000)
 
     def validate(self) -> BackendConfig:
-        if self.name not in BACKENDS:
+        if not (isinstance(self.name, str) and self.name in BACKENDS):
             fail("backend.name", self.name, f"one of {tuple(BACKENDS)}")
         _import(BACKENDS[self.name][1])(dict(self.params))  # the tier's own checks
         return self
@@ -110,14 +110,9 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str, overrides: list[str] = ()) -> RunConfig:
-        """From a YAML file (``yaml.safe_load``), with ``section.key=value`` overrides."""
-        import yaml
-
-        if not os.path.isfile(path):
-            fail("config", path, "an existing YAML file", "the file does not exist")
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
-        return cls.from_dict(apply_overrides(d, overrides))
+        """From a YAML file (safe loading; duplicate keys and syntax errors are refused), with
+        ``section.key=value`` overrides."""
+        return cls.from_dict(apply_overrides(read_yaml(path), overrides))
 
     def to_dict(self) -> dict:
         return {"backend": {"name": self.backend.name, **self.backend.params},
@@ -144,20 +139,78 @@ def _dataclass_from(cls, section: str, d: dict):
     return cls(**d)
 
 
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` that refuses a key given twice (safe_load keeps the last)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (given twice; which one is meant?)",
+                        key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+    return Loader
+
+
+def parse_yaml(text: str, what: str, allowed: str):
+    """``text`` parsed as YAML; a syntax error or a duplicate key is a ``ConfigError`` naming
+    ``what`` and the line."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        fail(what, text if len(text) < 80 else text[:77] + "...", allowed,
+             f"not valid YAML{where}: {problem}")
+
+
+def read_yaml(path) -> dict:
+    """A run configuration file: a YAML mapping of sections."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        fail("config", path, "an existing YAML file", "the file does not exist")
+    with open(path) as f:
+        text = f.read()
+    try:
+        d = parse_yaml(text, "config", f"a YAML mapping with sections {SECTIONS}")
+    except ConfigError as e:  # name the file, not its text
+        raise ConfigError(f"config={os.fspath(path)!r} is not allowed: "
+                          f"{str(e).split(' is not allowed: ', 1)[-1]}") from e
+    d = {} if d is None else d
+    if not isinstance(d, dict):
+        fail("config", os.fspath(path), f"a YAML mapping with sections {SECTIONS}",
+             f"its top level is a {type(d).__name__}")
+    return d
+
+
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """``["train.steps=100", "method.name=lcm"]`` applied to a config dict (values parsed as
     YAML, so numbers, booleans, lists and null work)."""
-    import yaml
-
+    if d is not None and not isinstance(d, dict):
+        fail("config", d, f"a mapping with sections {SECTIONS}")
+    if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) for o in overrides):
+        fail("overrides", overrides, "a list of 'section.key=value' strings")
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in (d or {}).items()}
     for o in overrides:
         key, sep, value = o.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             fail("override", o, "section.key=value, e.g. train.steps=100")
+        if section not in SECTIONS:
+            fail("override", o, f"a key of the sections {SECTIONS}, e.g. train.steps=100",
+                 f"{section!r} is not a configuration section")
         if not isinstance(d.setdefault(section, {}), dict):
             fail(section, d[section], "a mapping of settings")
-        d[section][name] = yaml.safe_load(value)
+        d[section][name] = parse_yaml(value, key, "a YAML value, e.g. 100, 1.0e-3, true, "
+                                      "null, [3, 4], cosine")
     return d
 
 
@@ -191,4 +244,4 @@ def check(params: dict) -> RunConfig:
 
 __all__ = ["BACKENDS", "BackendConfig", "ConfigError", "MethodConfig", "RunConfig",
            "SampleConfig", "SamplerConfig", "TrainConfig", "apply_overrides", "as_config",
-           "build", "check"]
+           "build", "check", "parse_yaml", "read_yaml"]

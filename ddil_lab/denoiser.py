@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .diffusion import Schedule
+from .validation import ConfigError
 
 
 class _Param(nn.Module):
@@ -58,7 +59,7 @@ PARAMETERISATIONS = {"x0": PredX0, "eps": PredEps, "v": PredV}
 def wrap(net: nn.Module, schedule: Schedule, prediction: str) -> nn.Module:
     """Wrap a network by what it predicts ("x0", "eps" or "v")."""
     if prediction not in PARAMETERISATIONS:
-        raise ValueError(f"prediction={prediction!r} is not one of {tuple(PARAMETERISATIONS)}")
+        raise ConfigError(f"prediction={prediction!r} is not one of {tuple(PARAMETERISATIONS)}")
     return PARAMETERISATIONS[prediction](net, schedule)
 
 

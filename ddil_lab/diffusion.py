@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from .validation import ConfigError, check_choice, check_int, check_number, fail
+
 SCHEDULES = ("scaled_linear", "linear", "cosine")
 THRESHOLDS = ("none", "static", "dynamic")
 
@@ -37,17 +39,27 @@ class Schedule:
 
     def __init__(self, kind: str = "scaled_linear", T: int = 1000,
                  beta_start: float | None = None, beta_end: float | None = None):
-        if kind not in SCHEDULES:
-            raise ValueError(f"schedule kind={kind!r} is not one of {SCHEDULES}")
-        if not isinstance(T, int) or T < 2:
-            raise ValueError(f"schedule T={T!r} must be an int >= 2")
+        check_choice("kind", kind, SCHEDULES)
+        check_int("T", T, 2)
+        if kind == "cosine":
+            for name, b in (("beta_start", beta_start), ("beta_end", beta_end)):
+                if b is not None:  # the cosine schedule has no betas to set: refuse, not ignore
+                    fail(name, b, "None for kind='cosine' (its betas follow from the cosine)")
+        # None means the kind's default; an explicit 0.0 is honoured (0 <= start < end < 1)
+        b0 = beta_start if beta_start is not None else {"scaled_linear": 0.00085,
+                                                        "linear": 1e-4}.get(kind)
+        b1 = beta_end if beta_end is not None else {"scaled_linear": 0.012,
+                                                    "linear": 0.02}.get(kind)
+        if kind != "cosine":
+            check_number("beta_start", b0, 0.0, 1.0, hi_open=True)
+            check_number("beta_end", b1, b0, 1.0, lo_open=True, hi_open=True,
+                         why=f"it must exceed beta_start={b0:g} (betas grow with t)")
         self.kind, self.T = kind, T
+        self.beta_start, self.beta_end = b0, b1
         # float32, computed as diffusers does, so our DDIM matches its scheduler to 1e-6.
         if kind == "scaled_linear":
-            b0, b1 = beta_start or 0.00085, beta_end or 0.012
             betas = torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float32) ** 2
         elif kind == "linear":
-            b0, b1 = beta_start or 1e-4, beta_end or 0.02
             betas = torch.linspace(b0, b1, T, dtype=torch.float32)
         else:  # cosine, as diffusers' "squaredcos_cap_v2"
             f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
@@ -119,6 +131,44 @@ class Schedule:
         return self.q_sample(x0_hat, s, noise)
 
 
+# ---- diffusers scheduler configs (what a pipeline's scheduler/ folder says) ----
+DIFFUSERS_BETAS = {"scaled_linear": "scaled_linear", "linear": "linear",
+                   "squaredcos_cap_v2": "cosine"}
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def schedule_from_config(cfg, alphas_cumprod=None) -> Schedule:
+    """The ``Schedule`` of a diffusers scheduler config (beta_schedule, betas, T), checked
+    against the scheduler's own ``alphas_cumprod`` when given. Raises ValueError for schedules
+    this library cannot represent (trained betas, zero-terminal-SNR rescaling, unknown kinds)."""
+    kind = cfg.get("beta_schedule", "linear")
+    if kind not in DIFFUSERS_BETAS:
+        raise ValueError(f"scheduler beta_schedule={kind!r} is not supported; allowed: "
+                         f"{tuple(DIFFUSERS_BETAS)}")
+    if cfg.get("trained_betas") is not None:
+        raise ValueError("scheduler has trained_betas, which Schedule cannot represent")
+    if cfg.get("rescale_betas_zero_snr", False):
+        raise ValueError("scheduler has rescale_betas_zero_snr=True, which Schedule does not "
+                         "support (alpha_bar at t=T-1 would be 0)")
+    betas = (None, None) if kind == "squaredcos_cap_v2" else \
+        (cfg.get("beta_start"), cfg.get("beta_end"))  # the cosine's betas follow from it
+    S = Schedule(DIFFUSERS_BETAS[kind], int(cfg.get("num_train_timesteps", 1000)), *betas)
+    if alphas_cumprod is not None and not torch.allclose(
+            S.alpha_bar[:-1], torch.as_tensor(alphas_cumprod).float(), atol=1e-6, rtol=1e-5):
+        raise ValueError(f"{S} does not reproduce the scheduler's alphas_cumprod "
+                         f"(beta_schedule={kind!r})")
+    return S
+
+
+def prediction_from_config(cfg) -> str:
+    """"eps", "v" or "x0" from a diffusers scheduler config's ``prediction_type``."""
+    p = cfg.get("prediction_type", "epsilon")
+    if p not in DIFFUSERS_PREDICTIONS:
+        raise ValueError(f"scheduler prediction_type={p!r} is not one of "
+                         f"{tuple(DIFFUSERS_PREDICTIONS)}")
+    return DIFFUSERS_PREDICTIONS[p]
+
+
 def timesteps(n: int, T: int = 1000) -> torch.Tensor:
     """The n-step inference grid, descending: round(linspace(0, T-1, n+1))[::-1][:-1].
 
@@ -128,7 +178,7 @@ def timesteps(n: int, T: int = 1000) -> torch.Tensor:
     so a teacher with k substeps per student step walks the (k*n)-step grid (``substeps``).
     """
     if not isinstance(n, int) or not 1 <= n <= T:
-        raise ValueError(f"number of steps n={n!r} must be an int in [1, {T}]")
+        raise ConfigError(f"number of steps n={n!r} must be an int in [1, {T}]")
     grid = torch.linspace(0, T - 1, n + 1, dtype=torch.float64).round().long()
     return grid.flip(0)[:-1]
 
@@ -145,7 +195,7 @@ def substeps(t: int, s: int, n: int, k: int, T: int = 1000) -> list[int]:
     fine = timesteps(n * k, T).tolist() + [-1]
     pts = [u for u in fine if s <= u <= t]
     if len(pts) != k + 1 or pts[0] != t or pts[-1] != s:
-        raise ValueError(f"student step {t}->{s} is not on the {n}-step grid refined by k={k}")
+        raise ConfigError(f"student step {t}->{s} is not on the {n}-step grid refined by k={k}")
     return pts
 
 
@@ -162,16 +212,16 @@ def threshold(x0: torch.Tensor, mode: str = "none", *, lo: float = -1.0, hi: flo
         return x0
     if mode == "static":
         if not lo < hi:
-            raise ValueError(f"static threshold needs lo < hi, got lo={lo}, hi={hi}")
+            raise ConfigError(f"static threshold needs lo < hi, got lo={lo}, hi={hi}")
         return x0.clamp(lo, hi)
     if mode == "dynamic":
         if not 0 < ratio <= 1:
-            raise ValueError(f"dynamic threshold ratio={ratio} must be in (0, 1]")
+            raise ConfigError(f"dynamic threshold ratio={ratio} must be in (0, 1]")
         flat = x0.reshape(x0.shape[0], -1).float().abs()
         s = torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max(max_value, 1.0))
         s = _bcast(s, x0)
         return (torch.maximum(torch.minimum(x0, s), -s) / s).to(x0.dtype)
-    raise ValueError(f"threshold mode={mode!r} is not one of {THRESHOLDS}")
+    raise ConfigError(f"threshold mode={mode!r} is not one of {THRESHOLDS}")
 
 
 class Threshold:
@@ -180,11 +230,11 @@ class Threshold:
     def __init__(self, mode: str = "none", lo: float = -1.0, hi: float = 1.0,
                  ratio: float = 0.995, max_value: float = 1.0):
         if mode not in THRESHOLDS:
-            raise ValueError(f"threshold mode={mode!r} is not one of {THRESHOLDS}")
+            raise ConfigError(f"threshold mode={mode!r} is not one of {THRESHOLDS}")
         if mode == "static" and not lo < hi:
-            raise ValueError(f"threshold lo={lo} must be below hi={hi}")
+            raise ConfigError(f"threshold lo={lo} must be below hi={hi}")
         if mode == "dynamic" and not 0 < ratio <= 1:
-            raise ValueError(f"threshold ratio={ratio} must be in (0, 1]")
+            raise ConfigError(f"threshold ratio={ratio} must be in (0, 1]")
         self.mode, self.lo, self.hi, self.ratio, self.max_value = mode, lo, hi, ratio, max_value
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:

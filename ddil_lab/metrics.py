@@ -5,8 +5,11 @@
   (``sliced_wasserstein``) and its class-by-class version (``state_distance``).
 - FID (Heusel et al. 2017): the Frechet distance between Gaussians fitted to features,
       FD = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2),
-  with a pluggable feature extractor (``extract``; Inception-v3 in ``InceptionFeatures``,
-  downloaded weights, fail fast offline).
+  with a pluggable feature extractor (``extract``). Numbers meant to sit next to published
+  ones: ``InceptionFeatures()`` (torch-fidelity's TF-Inception on uint8 images) and
+  ``fid_score`` (torch-fidelity's maths), with reference statistics cached as npz
+  (``reference_fid_stats``); ``frechet_distance`` (our own maths) is their oracle in the tests
+  and the FID of classifier features on the digits.
 - Diversity (DDIL paper, Sec. 5): pairwise LPIPS (or any distance) among samples of the same
   conditioning, averaged over pairs, then over conditionings.
 - Precision / recall (Kynkaenniemi et al. 2019): k-NN manifold estimates in feature space.
@@ -16,8 +19,11 @@ Images are (N, C, H, W) in [-1, 1]; features (N, D).
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -133,34 +139,93 @@ def _require_weights(what: str, url: str) -> None:
                               "digits features (train_classifier).")
 
 
-class InceptionFeatures(nn.Module):
-    """2048-d pool features of Inception-v3 for FID, on images in [-1, 1] of any size (resized
-    to 299; grayscale repeated to RGB).
+# ---------------------------------------------------------------------------------------------
+# the standard FID: TF-Inception through torch-fidelity, uint8 inputs, the library's maths
+# ---------------------------------------------------------------------------------------------
+# Published FIDs (DDPM, PD, consistency models, LCM, DMD2, the DDIL paper) use the TensorFlow
+# Inception graph of 2015-12-05 on images quantised to uint8, resized to 299 with TF's bilinear
+# resize, pool3 features (2048-d) and the TTUR Frechet code. torch-fidelity reproduces that
+# pipeline (its weights are a conversion of the TF graph); FID moves by whole points with other
+# weights, resizing or quantisation, so numbers meant to sit next to published ones come from here.
+FID_NETWORK = "inception-v3-compat"  # torch-fidelity's name for its TF-Inception port
+FID_LAYER = "2048"
 
-    :param kind: "torchvision" (ImageNet weights from download.pytorch.org; values are close to
-        but not the same as published FIDs) or "pytorch_fid" (the standard TF-FID weights of
-        the pytorch-fid package, from github.com; needs ``pip install pytorch-fid``); "auto"
-        picks "pytorch_fid" when that package is installed.
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 in [0, 255], rounded as saving a PNG does (uint8 passes
+    through); grayscale repeated to RGB."""
+    if x.dtype != torch.uint8:
+        x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def tf_inception_weights(weights: str | Path | None = None) -> Path:
+    """The local file of torch-fidelity's TF-Inception weights: ``weights`` if given, else the
+    torch hub cache (downloaded there once when the host is reachable). Raises ``OfflineError``
+    within seconds, naming the file and the folder it goes to, when it is neither there nor
+    downloadable. The file is checked to hold only tensors (``torch.load(weights_only=True)``)
+    before torch-fidelity reads it."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as url
+
+    path = Path(weights) if weights is not None else _cached_weights(url)
+    if weights is not None and not path.is_file():
+        raise FileNotFoundError(f"weights={str(weights)!r}: no such file (torch-fidelity's "
+                                f"{url.rsplit('/', 1)[-1]})")
+    if not path.is_file():
+        _require_weights("torch-fidelity's TF-Inception weights (the standard FID network)", url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=None, progress=False)
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)  # tensors only, or it raises
+    except Exception as e:
+        raise ValueError(f"{path} is not a plain state dict of tensors: {e}") from e
+    return path
+
+
+class InceptionFeatures(nn.Module):
+    """2048-d pool features of Inception-v3 for FID, on images in [-1, 1] of any size.
+
+    :param kind: "standard" (default): torch-fidelity's TF-Inception on uint8-quantised images,
+        the network and preprocessing of published FIDs; "torchvision" (ImageNet weights; close
+        to but not the same as published FIDs) or "pytorch_fid" (needs ``pip install
+        pytorch-fid``).
+    :param extractor: with kind "standard", any torch-fidelity ``FeatureExtractorBase`` in place
+        of the TF-Inception (tests pass a tiny one); its first requested feature is used.
+    :param weights: a local copy of the standard weights (default: the torch hub cache).
     Raises ``OfflineError`` within seconds when the weights are not cached and cannot be
-    downloaded.
+    downloaded. ``fid_score`` (the library's maths) goes with kind "standard".
     """
 
-    def __init__(self, kind: str = "auto"):
+    KINDS = ("standard", "torchvision", "pytorch_fid")
+
+    def __init__(self, kind: str = "standard", extractor: nn.Module | None = None,
+                 weights: str | Path | None = None):
         super().__init__()
-        if kind == "auto":
-            try:
-                import pytorch_fid  # noqa: F401
-                kind = "pytorch_fid"
-            except ImportError:
-                kind = "torchvision"
-        if kind == "torchvision":
+        if kind == "auto":  # the old default
+            kind = "standard"
+        if kind not in self.KINDS:
+            raise ValueError(f"kind={kind!r} is not one of {self.KINDS}")
+        if extractor is not None and kind != "standard":
+            raise ValueError(f"extractor= needs kind='standard', got kind={kind!r}")
+        self.kind = kind
+        if kind == "standard":
+            if extractor is None:
+                from torch_fidelity.feature_extractor_inceptionv3 import \
+                    FeatureExtractorInceptionV3
+                extractor = FeatureExtractorInceptionV3(
+                    FID_NETWORK, [FID_LAYER],
+                    feature_extractor_weights_path=str(tf_inception_weights(weights)))
+            self.model = extractor
+            self.network = extractor.get_name()
+        elif kind == "torchvision":
             from torchvision.models import Inception_V3_Weights, inception_v3
 
             w = Inception_V3_Weights.IMAGENET1K_V1
             _require_weights("Inception-v3 weights for FID", w.url)
             self.model = inception_v3(weights=w, aux_logits=True, transform_input=False)
             self.model.fc = nn.Identity()
-        elif kind == "pytorch_fid":
+            self.network = "torchvision-inception-v3"
+        else:
             try:
                 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
             except ImportError as e:
@@ -168,12 +233,12 @@ class InceptionFeatures(nn.Module):
                                   "`pip install pytorch-fid`") from e
             _require_weights("pytorch-fid Inception weights", FID_WEIGHTS_URL)
             self.model = InceptionV3([3], resize_input=True, normalize_input=True)
-        else:
-            raise ValueError(f"kind={kind!r} is not one of ('auto', 'torchvision', 'pytorch_fid')")
-        self.kind = kind
+            self.network = "pytorch-fid-inception-v3"
         self.eval().requires_grad_(False)
 
     def forward(self, x):
+        if self.kind == "standard":  # torch-fidelity resizes (TF bilinear) and rescales itself
+            return self.model(to_uint8(x))[0].float().flatten(1)
         x = x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
         if self.kind == "pytorch_fid":
             return self.model((x + 1) / 2)[0].flatten(1)  # it resizes and rescales itself
@@ -181,6 +246,124 @@ class InceptionFeatures(nn.Module):
         mean = torch.tensor([0.485, 0.456, 0.406], device=x.device)[:, None, None]
         std = torch.tensor([0.229, 0.224, 0.225], device=x.device)[:, None, None]
         return self.model(((x + 1) / 2 - mean) / std)
+
+
+def tiny_fid_extractor(name: str = "ddil-tiny-random", dim: int = 24) -> nn.Module:
+    """A tiny *random* torch-fidelity feature extractor (uint8 images -> (N, dim)), registered
+    under ``name`` so torch-fidelity's own ``calculate_metrics`` can run it too: for tests of
+    the standard-FID path without the TF-Inception weights. Not a metric."""
+    import torch_fidelity
+    from torch_fidelity import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    class TinyRandom(FeatureExtractorBase):
+        def __init__(self, name, features_list, **kw):
+            super().__init__(name, features_list)
+            g = torch.Generator().manual_seed(0)  # the same weights however it is built
+            self.conv = nn.Conv2d(3, dim // 4, 3, 2)
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g))
+                self.conv.bias.copy_(torch.randn(self.conv.bias.shape, generator=g))
+
+        @staticmethod
+        def get_provided_features_list():
+            return (str(dim),)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return str(dim)
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return None
+
+        def forward(self, x):  # (N, 3, H, W) uint8, as torch-fidelity's extractors take them
+            h = torch.tanh(self.conv(x.float() / 64))
+            return (nn.functional.adaptive_avg_pool2d(h, 2).flatten(1),)
+
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(name, TinyRandom)
+    return FEATURE_EXTRACTORS_REGISTRY[name](name, [str(dim)]).eval()
+
+
+def fid_stats(feats) -> dict:
+    """{"mu": (D,), "sigma": (D, D)} of features (N, D), float64 numpy, by torch-fidelity's
+    ``fid_features_to_statistics`` (the TTUR code)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    f = torch.as_tensor(feats).detach().double().cpu().flatten(1)
+    if len(f) < 2:
+        raise ValueError(f"need at least 2 feature vectors, got {len(f)}")
+    return fid_features_to_statistics(f)
+
+
+def fid_score(a, b) -> float:
+    """FID between two feature sets (N, D) or ``fid_stats`` dicts, by torch-fidelity's
+    ``fid_statistics_to_metric`` (what published numbers use; ``frechet_distance`` is the
+    project's own maths, kept as the oracle and for classifier features)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    sa, sb = (s if isinstance(s, dict) else fid_stats(s) for s in (a, b))
+    sa, sb = ({k: np.asarray(s[k], dtype=np.float64) for k in ("mu", "sigma")} for s in (sa, sb))
+    if sa["mu"].shape != sb["mu"].shape:
+        raise ValueError(f"feature dimensions differ: {sa['mu'].shape} vs {sb['mu'].shape}")
+    return float(fid_statistics_to_metric(sa, sb, verbose=False)[KEY_METRIC_FID])
+
+
+# Reference statistics: npz files (loaded with allow_pickle=False), one per data set, split,
+# resolution, sample count and feature network, so a changed protocol never reuses old numbers.
+def fid_cache_dir() -> Path:
+    """``$DDIL_FID_CACHE``, else ``~/.cache/ddil_lab/fid_stats``."""
+    return Path(os.environ.get("DDIL_FID_CACHE",
+                               Path.home() / ".cache" / "ddil_lab" / "fid_stats"))
+
+
+def fid_stats_key(dataset: str, resolution: int, n: int, network: str = FID_NETWORK) -> str:
+    """The file stem of a reference: e.g. ``cifar10-train_32px_n50000_inception-v3-compat``."""
+    for name, v in (("dataset", dataset), ("network", network)):
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(f"{name}={v!r}: use letters, digits, '-', '_' or '.' only")
+    return f"{dataset}_{int(resolution)}px_n{int(n)}_{network}"
+
+
+def save_fid_stats(path: str | Path, stats: dict, **meta) -> Path:
+    """Write ``fid_stats`` (and JSON-able ``meta``) to an npz file, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, mu=np.asarray(stats["mu"], np.float64),
+             sigma=np.asarray(stats["sigma"], np.float64), meta=np.array(json.dumps(meta)))
+    tmp.replace(path)
+    return path
+
+
+def load_fid_stats(path: str | Path) -> tuple[dict, dict]:
+    """(stats, meta) from ``save_fid_stats``'s npz (no pickles: ``allow_pickle=False``)."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        return {"mu": z["mu"], "sigma": z["sigma"]}, meta
+
+
+def reference_fid_stats(dataset: str, resolution: int, n: int, features, compute,
+                        cache_dir: str | Path | None = None) -> dict:
+    """Reference statistics of ``n`` images of ``dataset`` at ``resolution`` in ``features``
+    (its ``network`` name is part of the key): loaded from the cache, or computed as
+    ``fid_stats(compute())`` (``compute() -> features (n, D)``) and saved there."""
+    network = getattr(features, "network", type(features).__name__)
+    key = fid_stats_key(dataset, resolution, n, network)
+    path = Path(cache_dir or fid_cache_dir()) / f"{key}.npz"
+    if path.is_file():
+        return load_fid_stats(path)[0]
+    feats = compute()
+    if len(feats) != n:
+        raise ValueError(f"reference {key}: computed {len(feats)} feature vectors, expected {n}")
+    stats = fid_stats(feats)
+    save_fid_stats(path, stats, dataset=dataset, resolution=resolution, n=n, network=network)
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Notebook helpers every tier's notebooks share: one thread and a seed (``setup``), a
 ``Recorder`` that saves figures as PNG and scalars in ``metrics.json`` for readers and tests,
 Markdown tables of per-seed metrics (mean ± std), a verdict between two arms from their seeds,
-and ``explore``: a figure with widget controls and a static fallback for headless runs.
+``explore``: one figure with widget controls, redrawn in place, with a static fallback for
+headless runs, and ``output_problems``: what a reader should not see in an executed notebook.
 Nothing here knows a tier: it imports matplotlib, IPython and ipywidgets lazily or not at all.
 """
 
@@ -23,23 +24,29 @@ def setup(threads: int = 1, seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def _show_png(path_or_fig, dpi: int = 90) -> None:
-    """Display a PNG file, or a figure rendered to PNG, in a notebook (whatever matplotlib
-    backend is active; nothing outside IPython)."""
+def _in_ipython() -> bool:
     try:
         from IPython import get_ipython
-        from IPython.display import Image, display
     except ImportError:
-        return
-    if get_ipython() is None:
-        return
-    if isinstance(path_or_fig, str):
-        display(Image(filename=path_or_fig))
-        return
+        return False
+    return get_ipython() is not None
+
+
+def png_bytes(fig, dpi: int = 90, tight: bool = True) -> bytes:
+    """A figure rendered to PNG. ``tight=False`` keeps the canvas at figsize x dpi pixels, so
+    every redraw of a figure of the same figsize has the same size on screen."""
     import io
     buf = io.BytesIO()
-    path_or_fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    display(Image(data=buf.getvalue()))
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+    return buf.getvalue()
+
+
+def _show_png(png: bytes) -> None:
+    """Display PNG bytes once in a notebook (nothing outside IPython)."""
+    if not _in_ipython():
+        return
+    from IPython.display import Image, display
+    display(Image(data=png))
 
 
 def _scalar_items(d: dict, prefix: str = ""):
@@ -68,18 +75,31 @@ class Recorder:
         self.metrics: dict[str, float] = {}
         self.paths: dict[str, str] = {}  # figure name -> PNG
 
-    def figure(self, name: str, fig, dpi: int = 90) -> None:
-        """Save ``fig`` as ``name.png`` and show that PNG (rendered once: the same file the
-        tests read; its path is ``self.paths[name]``)."""
-        path = os.path.join(self.out_dir, f"{name}.png")
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
-        self.image(name, path)
+    def figure(self, name: str, fig, dpi: int = 90, show: bool = True, tight: bool = True
+               ) -> None:
+        """Save ``fig`` as ``name.png`` and, with ``show``, display that PNG (rendered once:
+        the same bytes the tests read from ``self.paths[name]``). Returns None, so a cell
+        ending with it echoes nothing."""
+        png = png_bytes(fig, dpi, tight)
+        self.save_png(name, png)
+        if show:
+            _show_png(png)
 
-    def image(self, name: str, path: str) -> None:
-        """Show an existing PNG (e.g. a figure the toy table wrote) and list it as a figure
-        of this run under ``name``."""
+    def save_png(self, name: str, png: bytes) -> str:
+        """Write PNG bytes as ``name.png`` and list it as a figure of this run."""
+        path = os.path.join(self.out_dir, f"{name}.png")
+        with open(path, "wb") as f:
+            f.write(png)
         self.paths[name] = path
-        _show_png(path)
+        return path
+
+    def image(self, name: str, path: str, show: bool = True) -> None:
+        """List an existing PNG (e.g. a figure the toy table wrote) as a figure of this run
+        under ``name`` and, with ``show``, display it."""
+        self.paths[name] = path
+        if show:
+            with open(path, "rb") as f:
+                _show_png(f.read())
 
     def log(self, prefix: str, values: dict) -> None:
         for k, v in _scalar_items(values, f"{prefix}/" if prefix else ""):
@@ -98,7 +118,7 @@ class Recorder:
 
 def markdown_table(rows: dict[str, dict], keys, fmt: str = "{:.3g}") -> str:
     """A Markdown table, one row per name; a value given as a list of seeds shows as
-    mean ± std."""
+    mean ± std, a missing or NaN value as "–"."""
     def cell(v):
         if isinstance(v, (list, tuple)):
             v = [float(x) for x in v]
@@ -107,6 +127,8 @@ def markdown_table(rows: dict[str, dict], keys, fmt: str = "{:.3g}") -> str:
                 sd = math.sqrt(sum((x - mu) ** 2 for x in v) / (len(v) - 1))
                 return f"{fmt.format(mu)} ± {fmt.format(sd)}"
             v = v[0]
+        if isinstance(v, float) and math.isnan(v):
+            return "–"  # not measured for this row (e.g. a teacher has no training states)
         return fmt.format(v) if isinstance(v, (int, float)) else str(v)
     lines = ["| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(cell(r.get(k, float("nan"))) for k in keys) + " |"
@@ -174,61 +196,87 @@ def _control(name: str, spec, value):
 
 
 class Explorer:
-    """A figure with controls: ``draw(**values) -> Figure``.
+    """One figure with controls: ``draw(**values) -> Figure``, redrawn in place.
 
-    ``static()`` draws the figure for the starting ``values`` (shown as a plain PNG, it stays in
-    headless runs, exported notebooks and viewers without widgets). Where ipywidgets renders,
-    ``show()`` adds the ``controls``; moving one redraws the figure below them. ``fixed``
-    keywords are passed to every draw.
+    ``static()`` draws the figure for the starting ``values``. ``show()`` displays the controls
+    above one ipywidgets ``Output`` that holds the figure; moving a control replaces the PNG in
+    that output (``self.output.outputs`` always holds exactly one image, rendered at the same
+    dpi on a fixed canvas, so a figure of fixed figsize keeps its size). The displayed bundle
+    also carries the starting PNG as ``image/png``: frontends without widgets (papermill's
+    output, nbconvert, GitHub) show that static figure instead, exactly once. ``fixed``
+    keywords are passed to every draw. The kernel runs one request at a time: controls moved
+    while later cells are still running redraw only once those cells have finished.
     """
 
-    def __init__(self, draw: Callable, controls: dict, values: dict, **fixed):
+    def __init__(self, draw: Callable, controls: dict, values: dict, dpi: int = 90, **fixed):
         self.draw, self.controls, self.values, self.fixed = draw, controls, dict(values), fixed
+        self.dpi = dpi
         self.widgets: dict = {}
-        self.output = None
+        self.output = self.box = None
         self.redraws = 0
 
     def static(self):
         return self.draw(**self.values, **self.fixed)
 
+    def render(self, fig) -> bytes:
+        return png_bytes(fig, self.dpi, tight=False)
+
+    @staticmethod
+    def _png_output(png: bytes) -> dict:
+        import base64
+        return {"output_type": "display_data", "metadata": {},
+                "data": {"image/png": base64.b64encode(png).decode("ascii"),
+                         "text/plain": "<figure>"}}
+
     def _update(self, _change=None):
         self.values.update({k: wd.value for k, wd in self.widgets.items()})
-        self.output.clear_output(wait=True)
-        with self.output:
-            _show_png(self.draw(**self.values, **self.fixed))
+        self.output.outputs = (self._png_output(self.render(self.static())),)  # in place
         self.redraws += 1
 
-    def show(self, enabled: bool = True):
-        """Display the controls (returns the box, or None when disabled or without ipywidgets)."""
+    def show(self, enabled: bool = True, png: bytes | None = None, display: bool = True):
+        """Display the controls above the figure (``png``: the starting figure already
+        rendered, else drawn now). Returns the box, or None when disabled or without
+        ipywidgets (then nothing is displayed: show the static figure yourself)."""
         if not enabled:
             return None
         try:
             import ipywidgets as w
-            from IPython.display import display
         except ImportError:  # no widgets: the static figure is all there is
             return None
+        png = png if png is not None else self.render(self.static())
         self.widgets = {k: _control(k, spec, self.values[k]) for k, spec in self.controls.items()}
-        self.output = w.Output()
+        self.output = w.Output(outputs=(self._png_output(png),))  # the figure, in its state
         for wd in self.widgets.values():
             wd.observe(self._update, names="value")
         controls = w.HBox(list(self.widgets.values()), layout=w.Layout(flex_flow="row wrap"))
-        box = w.VBox([controls, self.output])
-        display(box)
-        return box
+        self.box = w.VBox([controls, self.output])
+        if display and _in_ipython():
+            from IPython.display import display as show
+            show(self.mimebundle(png), raw=True)
+        return self.box
+
+    def mimebundle(self, png: bytes) -> dict:
+        """What ``show`` displays: the widget view (controls and figure) and, for frontends
+        without widgets, the starting figure as ``image/png``."""
+        import base64
+        bundle = self.box._repr_mimebundle_()
+        bundle["image/png"] = base64.b64encode(png).decode("ascii")
+        return bundle
 
 
 def explore(draw: Callable, controls: dict, values: dict, recorder: Recorder | None = None,
             name: str | None = None, widgets: bool = True, **fixed) -> None:
-    """Draw ``draw(**values, **fixed)`` as a static figure and show it (through the recorder,
-    which saves it as ``name``), then, if ``widgets``, show ``controls`` (``name -> (min, max,
-    step)``, a list of choices, or bool) that redraw it (see ``Explorer``)."""
+    """Draw ``draw(**values, **fixed)`` once, save it through the recorder as ``name``, and
+    show it: with ``widgets``, under ``controls`` (``name -> (min, max, step)``, a list of
+    choices, or bool) that redraw it in place (see ``Explorer``); else as a plain PNG. The
+    figure is shown exactly once either way. Returns None (nothing for a cell to echo); use
+    ``Explorer`` directly to keep a handle."""
     ex = Explorer(draw, controls, values, **fixed)
-    fig = ex.static()
+    png = ex.render(ex.static())
     if recorder is not None and name:
-        recorder.figure(name, fig)
-    else:
-        _show_png(fig)
-    ex.show(widgets)
+        recorder.save_png(name, png)
+    if ex.show(widgets, png) is None:
+        _show_png(png)
 
 
 def _assigned_names(src: str) -> list[str]:
@@ -277,7 +325,8 @@ def check_parameters(history: list[str] | None = None) -> list[str]:
 
 def output_problems(nb: dict) -> list[str]:
     """What a reader should not see in an executed notebook (its JSON as a dict): the same image
-    shown twice, and stray values such as a path string echoed as a cell's last expression.
+    shown twice, and stray values echoed as a cell's last expression: a string (e.g. a path),
+    bytes, a matplotlib object or an ``<... object at 0x...>`` repr.
     Returns one message per problem (empty: clean). The notebook tests run it on every notebook.
     """
     problems, seen = [], {}
@@ -292,6 +341,8 @@ def output_problems(nb: dict) -> list[str]:
                 seen.setdefault(key, i)
             if out.get("output_type") == "execute_result" and set(data) == {"text/plain"}:
                 text = "".join(data["text/plain"]).strip()
-                if text[:1] in "'\"" or text.startswith(("<Figure", "<matplotlib", "[<matplotlib")):
+                if text[:1] in "'\"" or text.startswith(("b'", 'b"', "<Figure", "<matplotlib",
+                                                          "[<matplotlib")) \
+                        or (text.startswith("<") and " object at 0x" in text):
                     problems.append(f"cell {i} echoes a stray value: {text[:80]}")
     return problems

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from .sampling import DDIMPolicy, MixedPolicy, take_cond
+from .validation import check_choice, check_int, check_number, fail
 
 SOURCES = ("forward", "teacher", "student", "mixed")
 PRIOR_NAMES = ("beta_frwd", "beta_teacher_bckwrd", "beta_student_bckwrd", "beta_mixed")
@@ -81,14 +82,15 @@ def _cat_cond(conds):
 
 
 def validate_priors(priors: dict) -> dict:
+    """The four source priors (missing ones are 0): non-negative finite numbers summing to 1."""
     for k, v in priors.items():
         if k not in PRIOR_NAMES:
-            raise ValueError(f"unknown prior {k!r}: allowed {PRIOR_NAMES}")
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"prior {k}={v!r} must be a non-negative number")
+            fail(k, v, f"the priors {PRIOR_NAMES}", "not a source prior")
+        check_number(k, v, 0.0)
     total = sum(priors.values())
     if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"priors {PRIOR_NAMES} must sum to 1, got {total:g} from {priors}")
+        fail("priors", dict(priors), f"non-negative numbers {PRIOR_NAMES} that sum to 1",
+             f"they sum to {total:g}, the priors must sum to 1")
     return {k: float(priors.get(k, 0.0)) for k in PRIOR_NAMES}
 
 
@@ -121,15 +123,14 @@ class StateSampler:
 
     def __post_init__(self):
         self.priors = validate_priors({k: getattr(self, k) for k in PRIOR_NAMES})
-        if self.prior_schedule not in PRIOR_SCHEDULES:
-            raise ValueError(f"prior_schedule={self.prior_schedule!r} is not one of {PRIOR_SCHEDULES}")
-        if not 0.0 <= self.p_student <= 1.0:
-            raise ValueError(f"p_student={self.p_student} must be in [0, 1]")
+        check_number("p_student", self.p_student, 0.0, 1.0)
+        check_choice("prior_schedule", self.prior_schedule, PRIOR_SCHEDULES)
         for k in ("ramp_steps", "buffer_size", "refresh_size"):
-            if int(getattr(self, k)) < 0:
-                raise ValueError(f"{k}={getattr(self, k)} must be >= 0")
-        if self.refresh_every < 1:
-            raise ValueError(f"refresh_every={self.refresh_every} must be >= 1")
+            check_int(k, getattr(self, k), 0)
+        check_int("refresh_every", self.refresh_every, 1)
+        check_int("rollout_until", self.rollout_until, -1)
+        if not (isinstance(self.nfe, dict) and set(self.nfe) == {"teacher", "student"}):
+            fail("nfe", self.nfe, "the counters {'teacher': int, 'student': int} (leave it out)")
         self.buffer: dict[str, States] = {}
 
     @property
@@ -145,8 +146,24 @@ class StateSampler:
 
     def check_backend(self, backend) -> None:
         if not backend.has_data and self.priors["beta_frwd"] > 0:
-            raise ValueError("beta_frwd must be 0 for a data-free backend (no data to diffuse); "
-                             "use beta_teacher_bckwrd: teacher rollouts stand in for the data")
+            fail("beta_frwd", self.priors["beta_frwd"], "0, with beta_teacher_bckwrd > 0: "
+                 "teacher rollouts stand in for the data",
+                 "beta_frwd must be 0 for a data-free backend (no data to diffuse)")
+        T = backend.schedule.T
+        if self.rollout_until > T - 1:
+            fail("rollout_until", self.rollout_until, f"an int in [-1, T-1={T - 1}]",
+                 "no timestep of the schedule is that noisy")
+
+    def check_spec(self, spec: StateSpec) -> None:
+        """Every rollout grid the method may pick keeps a state at or above ``rollout_until``
+        (checked before training, not at the first rollout)."""
+        uses_rollouts = any(self.priors[k] > 0 for k in PRIOR_NAMES[1:])
+        for grid in spec.grids if uses_rollouts else []:
+            if not (grid >= self.rollout_until).any():
+                fail("rollout_until", self.rollout_until,
+                     f"an int <= {int(grid.max())}, the noisiest point of the method's "
+                     f"{len(grid)}-step rollout grid {grid.tolist()}",
+                     "it leaves no grid timestep to roll out to")
 
     # ---- the sources ----
     def forward(self, backend, spec: StateSpec, n: int) -> States:
@@ -169,7 +186,8 @@ class StateSampler:
         full = spec.grids[int(torch.randint(0, len(spec.grids), (), generator=plan))]
         grid = full[full >= self.rollout_until]  # stop the rollout at the chosen noise level
         if len(grid) == 0:
-            raise ValueError(f"rollout_until={self.rollout_until} leaves no grid timestep to roll out to")
+            fail("rollout_until", self.rollout_until, f"an int <= {int(full.max())}",
+                 "it leaves no grid timestep to roll out to")
         m = math.ceil(n / len(grid))
         cond = backend.sample_cond(m)
         x = backend.sample_noise(m)

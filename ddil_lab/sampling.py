@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .diffusion import NO_THRESHOLD, Schedule, Threshold, next_timestep, timesteps
+from .validation import ConfigError, check_number
 
 
 def _tvec(t: int, x: torch.Tensor) -> torch.Tensor:
@@ -80,8 +81,7 @@ class MixedPolicy:
 
     def __init__(self, teacher, student, p_student: float = 0.5,
                  generator: torch.Generator | None = None):
-        if not 0.0 <= p_student <= 1.0:
-            raise ValueError(f"p_student={p_student} must be in [0, 1]")
+        check_number("p_student", p_student, 0.0, 1.0)
         self.teacher, self.student, self.p = teacher, student, p_student
         self.generator = generator
         self.last_mask: torch.Tensor | None = None  # which samples the student moved
@@ -133,7 +133,8 @@ def iter_sample(policy, x_T: torch.Tensor, grid: Sequence[int], cond=None, *,
     grid = [int(t) for t in grid]
     pols = policy if isinstance(policy, (list, tuple)) else [policy] * len(grid)
     if len(pols) != len(grid):
-        raise ValueError(f"got {len(pols)} policies for a grid of {len(grid)} steps")
+        raise ConfigError(f"policy: got {len(pols)} policies for a grid of {len(grid)} steps; "
+                          f"allowed: one policy, or a list of {len(grid)}")
     x = x_T
     for i, t in enumerate(grid):
         x_next, x0 = as_policy(pols[i], schedule, threshold).step(x, t, next_timestep(grid, i), cond)

@@ -1,11 +1,17 @@
 """The image tier's DDIL table: 4-step PD, LCM and DMD2 students of a small UNet teacher, each
-without and with DDIL (and optionally reflected), on pixels.
+without and with DDIL (and optionally reflected), on pixels, over several seeds with intervals.
 
     python experiments/image_table.py --out runs/image_table              # offline digits, CPU
     python experiments/image_table.py --quick --out /tmp/image_quick       # seconds (the tests)
     python experiments/image_table.py --data cifar10 --root ~/data/cifar10 \\
         --teacher runs/cifar_teacher --device cuda --steps 2000 --batch-size 128 \\
         --n-eval 10000 --out runs/image_cifar                               # one GPU
+
+The seeds of an arm train as one batched ensemble (``train_arm``); every seed is evaluated on
+the same noise, and each cell is the mean over seeds with a 95% Student-t interval
+(mean +- t_{0.975, n-1} sd / sqrt(n)); ``ddil - baseline`` rows give the paired per-seed
+differences (arms paired by seed; every seed is scored on the same noise), which is the
+comparison the intervals are for. The teacher and data rows do not depend on a student seed.
 
 Every arm trains with the same gradient steps, batch and learning rate and is evaluated from
 the same noise (and labels) against the data: FID (digits: in the features of a classifier
@@ -21,93 +27,134 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
 import torch
 
 from ddil_lab import train
-from ddil_lab.image.backend import TINY_NET, ImageBackend
+from ddil_lab.image import NETS, ImageBackend
 from ddil_lab.image import metrics as im
 
 DEFAULTS = dict(
     data="digits",        # "digits" (offline) or "cifar10" (needs --root)
     root=None,            # CIFAR-10 folder (holding cifar-10-batches-py/)
     teacher=None,         # a train_teacher checkpoint folder; None: train one in teacher_dir
-    teacher_dir="runs/image_teacher_digits",
-    teacher_steps=2000,   # teacher training steps when it is trained here
+    teacher_dir="runs/image_teacher_digits_small",
+    teacher_steps=600,    # teacher training steps when it is trained here
     teacher_batch=64,
-    tiny_net=False,       # a tiny UNet teacher (quick runs only)
+    teacher_lr=2e-3,
+    net="small",          # teacher UNet: "small" (laptop), "digits" (4x wider), "tiny" (tests)
     conditional=False,    # distil class-conditionally (else: unconditional, modes = classes)
     guidance=1.0,         # CFG scale of the teacher (needs conditional)
     methods=train.METHODS,
     arms=("baseline", "ddil"),
-    steps=200,            # distillation steps per arm
-    batch_size=64,
-    lr=1e-4,
+    seeds=(0, 1, 2),      # student seeds (>= 2 for intervals), trained as one ensemble
+    steps=100,            # distillation steps per arm
+    batch_size=32,        # per seed
+    lr=3e-4,
     n_steps=4,            # student inference steps
     share=0.5,            # DDIL: fraction of each batch from rollouts
-    buffer_size=256,      # DDIL aggregation buffer (0: fresh rollouts every batch)
+    buffer_size=64,       # DDIL aggregation buffer per seed (0: fresh rollouts every batch)
     refresh_every=10,
-    refresh_size=64,
+    refresh_size=16,
     critic_steps=2,       # DMD2 critic updates per generator update (10 in the paper)
-    n_eval=500,           # evaluation samples per arm
-    classifier_steps=600,  # digits classifier (FID features, mode coverage)
+    n_eval=300,           # evaluation samples per arm and seed
+    classifier_steps=300,  # digits classifier (FID features, mode coverage)
     diversity="auto",     # "auto", "lpips", "features" or "none"
     device="cpu",
-    seed=0,
+    seed=0,               # teacher seed
 )
-QUICK = dict(teacher_dir=None, teacher_steps=10, teacher_batch=16, tiny_net=True, steps=2,
+QUICK = dict(teacher_dir=None, teacher_steps=10, teacher_batch=16, net="tiny", steps=2,
              batch_size=8, buffer_size=16, refresh_size=8, critic_steps=1, n_eval=40,
              classifier_steps=20, diversity="features")
 
-COLUMNS = [("fid", "FID", "{:.2f}"), ("precision", "prec", "{:.2f}"),
-           ("recall", "recall", "{:.2f}"), ("coverage", "cover", "{:.2f}"), ("tv", "TV", "{:.3f}"),
-           ("diversity", "diversity", "{:.3f}"), ("shift_sum", "sum shift", "{:.2f}"),
-           ("wall_s", "train s", "{:.0f}")]
+COLUMNS = [("fid", "FID", "{:.1f}"), ("precision", "precision", "{:.2f}"),
+           ("recall", "recall", "{:.2f}"), ("tv", "TV", "{:.3f}"),
+           ("diversity", "diversity", "{:.3g}"), ("shift_sum", "shift above floor", "{:.2f}")]
 
 
-def make_backend(cfg: dict) -> ImageBackend:
+def make_backend(cfg: dict, progress: bool = True) -> ImageBackend:
     """The backend of a config: a loaded, resumed or freshly trained teacher."""
     return ImageBackend(cfg["data"], cfg["teacher"], root=cfg["root"], guidance=cfg["guidance"],
                         conditional=cfg["conditional"] or cfg["guidance"] != 1.0,
                         teacher_dir=cfg["teacher_dir"], teacher_steps=cfg["teacher_steps"],
                         device=cfg["device"], seed=cfg["seed"], batch_size=cfg["teacher_batch"],
-                        **({"net": TINY_NET} if cfg["tiny_net"] else {}))
+                        lr=cfg["teacher_lr"], warmup=50, net=NETS[cfg["net"]], progress=progress)
 
 
-def run_arms(backend, ev: im.ImageEvaluator, cfg: dict, progress: bool = True) -> dict:
-    """Metrics (with samples and trajectory) of the teacher references and of every arm."""
-    res = ev.reference_rows()
+def interval(values) -> tuple[float, float]:
+    """(mean, half-width of the 95% Student-t interval) of per-seed values (nan width for 1)."""
+    from scipy.stats import t as student_t
+
+    v = torch.tensor([float(x) for x in values], dtype=torch.float64)
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(student_t.ppf(0.975, len(v) - 1) * v.std() / len(v) ** 0.5)
+
+
+def run_arms(backend, ev: im.ImageEvaluator, cfg: dict, progress: bool = True) -> tuple:
+    """(rows, per_seed): metrics (with samples and trajectory) of the teacher references and, per
+    arm, of its first seed's students; per_seed maps an arm to its seeds' scalar metrics."""
+    res, per_seed = ev.reference_rows(), {}
     sampler_kw = {k: cfg[k] for k in ("share", "buffer_size", "refresh_every", "refresh_size")}
     for method in cfg["methods"]:
         for arm in cfg["arms"]:
-            view = train.train_arm(backend, method, arm, seeds=(cfg["seed"],), steps=cfg["steps"],
-                                batch_size=cfg["batch_size"], lr=cfg["lr"],
-                                n_steps=cfg["n_steps"], ensemble=False,
-                                method_kw={"critic_steps": cfg["critic_steps"]}
-                                if method == "dmd2" else None,
-                                sampler_kw=sampler_kw, progress=progress)[0]
-            row = ev.evaluate(view, with_samples=True)
-            row.update({k: view.run[k] for k in ("wall_s", "nfe_teacher", "nfe_student")})
-            res[f"{method} {arm}"] = row
-    return res
+            views = train.train_arm(backend, method, arm, seeds=cfg["seeds"], steps=cfg["steps"],
+                                    batch_size=cfg["batch_size"], lr=cfg["lr"],
+                                    n_steps=cfg["n_steps"], ensemble=True,
+                                    method_kw={"critic_steps": cfg["critic_steps"]}
+                                    if method == "dmd2" else None,
+                                    sampler_kw=sampler_kw, progress=progress)
+            rows = [ev.evaluate(v, with_samples=k == 0) for k, v in enumerate(views)]
+            for r in rows:
+                r.update({k: views[0].run[k] for k in ("wall_s", "nfe_teacher", "nfe_student")})
+            name = f"{method} {arm}"
+            res[name] = rows[0]
+            per_seed[name] = [{k: v for k, v in r.items() if isinstance(v, (int, float))}
+                              for r in rows]
+    return res, per_seed
 
 
-def markdown(res: dict, grid: list[int], cfg: dict, ev) -> str:
+def _cell(values, fmt) -> str:
+    mu, hw = interval(values)
+    return fmt.format(mu) + ("" if math.isnan(hw) else " ± " + fmt.replace("+", "").format(hw))
+
+
+def markdown(res: dict, per_seed: dict, grid: list[int], cfg: dict, ev) -> str:
     head = ["arm"] + [h for _, h, _ in COLUMNS] + [f"shift t={t}" for t in grid]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    floor = ["(noise floor)"] + [""] * len(COLUMNS) + [f"{ev.shift_floor[t]:.2f}" for t in grid]
     for name, r in res.items():
-        cells = [name] + [f.format(r[k]) if k in r else "" for k, _, f in COLUMNS]
-        cells += [f"{r[f'shift_t{t}']:.2f}" if f"shift_t{t}" in r else "" for t in grid]
+        rows = per_seed.get(name, [r])
+        cells = [name] + [_cell([x[k] for x in rows], f) if k in r else "" for k, _, f in COLUMNS]
+        cells += [_cell([x[f"shift_t{t}"] for x in rows], "{:.2f}") if f"shift_t{t}" in r else ""
+                  for t in grid]
         lines.append("| " + " | ".join(cells) + " |")
+    floor = ["noise floor (forward states, ± 2 sd)"] + [""] * len(COLUMNS) + [
+        f"{ev.shift_floor[t]:.2f} ± {2 * ev.shift_floor_sd[t]:.2f}" for t in grid]
     lines.append("| " + " | ".join(floor) + " |")
-    feats = "classifier features" if isinstance(ev.features, im.ClassifierFeatures) else "Inception"
-    return (f"# Image DDIL table ({cfg['data']})\n\nFID in {feats}; diversity: "
-            f"{ev.diversity_kind}; shift: Frechet distance in 8x8-pooled pixels to q_t, minus "
-            "the noise floor in 'sum shift'.\n\nConfig: `" + json.dumps(cfg) + "`\n\n"
-            + "\n".join(lines) + "\n")
+    deltas = ["", ("Paired differences (arms paired by seed, all scored on the same noise), "
+                   "mean ± 95% interval:"),
+              "", "| difference | FID | TV | shift above floor |", "|---|---|---|---|"]
+    for method in cfg["methods"]:
+        for arm in cfg["arms"]:
+            a, b = per_seed.get(f"{method} baseline"), per_seed.get(f"{method} {arm}")
+            if arm == "baseline" or not a or not b:
+                continue
+            cells = [_cell([y[k] - x[k] for x, y in zip(a, b)], f)
+                     for k, f in (("fid", "{:+.1f}"), ("tv", "{:+.3f}"), ("shift_sum", "{:+.2f}"))]
+            deltas.append(f"| {method}: {arm} - baseline | " + " | ".join(cells) + " |")
+    feats = "classifier features" if isinstance(ev.features, im.ClassifierFeatures) else \
+        "the standard TF-Inception (torch-fidelity)"
+    n = len(cfg["seeds"])
+    return (f"# Image DDIL table ({cfg['data']})\n\nStudents: mean over {n} seeds ± the 95% "
+            f"Student-t interval; FID in {feats}; diversity: {ev.diversity_kind}; shift: "
+            "Frechet distance in 8x8-pooled pixels to q_t, summed minus the noise floor in "
+            "'shift above floor'. Settings: " + ", ".join(
+                f"{k}={cfg[k]}" for k in ("net", "teacher_steps", "steps", "batch_size", "lr",
+                                          "critic_steps", "n_eval")) + " (all in results.json)."
+            + "\n\n" + "\n".join(lines + (deltas if len(deltas) > 5 else [])) + "\n")
 
 
 def run(out: str = "runs/image_table", quick: bool = False, progress: bool = True,
@@ -115,8 +162,6 @@ def run(out: str = "runs/image_table", quick: bool = False, progress: bool = Tru
     """Train and evaluate every (method, arm); write results.json, table.md and figures.
     Keyword overrides are the keys of ``DEFAULTS``; ``quick=True`` applies ``QUICK`` first.
     Returns {"results", "markdown", "files", "time_s", "config"}."""
-    import matplotlib
-    matplotlib.use("Agg")
     from ddil_lab.image.plots import grids, shift_curves
 
     unknown = set(overrides) - set(DEFAULTS)
@@ -130,11 +175,13 @@ def run(out: str = "runs/image_table", quick: bool = False, progress: bool = Tru
             raise ValueError(f"{key}={list(cfg[key])!r}: each must be one of {allowed}")
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
-    backend = make_backend(cfg)
+    backend = make_backend(cfg, progress)
     ev = im.ImageEvaluator.for_backend(backend, cfg["classifier_steps"], n=cfg["n_eval"],
                                        n_steps=cfg["n_steps"], diversity=cfg["diversity"])
-    res = run_arms(backend, ev, cfg, progress)
-    md = markdown(res, ev.grid, cfg, ev)
+    if len(cfg["seeds"]) < 1:
+        raise ValueError(f"seeds={list(cfg['seeds'])!r}: give at least one seed (3 for intervals)")
+    res, per_seed = run_arms(backend, ev, cfg, progress)
+    md = markdown(res, per_seed, ev.grid, cfg, ev)
     elapsed = time.perf_counter() - t0
     md += f"\nTotal time {elapsed:.0f} s (teacher, classifier, training, evaluation).\n"
     files = [os.path.join(out, f) for f in ("results.json", "table.md", "samples.png",
@@ -142,18 +189,22 @@ def run(out: str = "runs/image_table", quick: bool = False, progress: bool = Tru
     scalars = {n: {k: v for k, v in r.items() if isinstance(v, (int, float, list))}
                for n, r in res.items()}
     with open(files[0], "w") as f:
-        json.dump({"config": cfg, "results": scalars}, f, indent=1)
+        json.dump({"config": cfg, "results": scalars, "per_seed": per_seed}, f, indent=1)
     with open(files[1], "w") as f:
         f.write(md)
     grids(res).savefig(files[2], dpi=120)
-    shift_curves(res, ev.grid, ev.shift_floor).figure.savefig(files[3], dpi=120,
-                                                               bbox_inches="tight")
+    shift_curves(res, ev.grid, ev.shift_floor, floor_sd=ev.shift_floor_sd).figure.savefig(
+        files[3], dpi=120, bbox_inches="tight")
     print(md)
     return {"results": res, "markdown": md, "files": files, "time_s": elapsed, "config": cfg}
 
 
 def _csv(s: str) -> tuple:
     return tuple(v for v in s.split(",") if v)
+
+
+def _ints(s: str) -> tuple:
+    return tuple(int(v) for v in _csv(s))
 
 
 def main(argv=None) -> dict:
@@ -169,7 +220,7 @@ def main(argv=None) -> dict:
             p.add_argument("--" + key.replace("_", "-"), action="store_true", default=None,
                            help=f"default {default}")
             continue
-        kind = _csv if isinstance(default, tuple) else (
+        kind = (_ints if key == "seeds" else _csv) if isinstance(default, tuple) else (
             type(default) if default is not None else str)
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
                        help=f"default {default!r}" + (" (comma-separated)"

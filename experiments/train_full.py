@@ -30,6 +30,17 @@ import os
 import sys
 
 
+def nonneg_int(text: str) -> int:
+    """An argparse type: '-1' or 'x' is refused with a message naming what is allowed."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an int >= 0")
+    return n
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML recipe config (method: pd | lcm | dmd2)")
@@ -39,23 +50,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     p.add_argument("--check", action="store_true",
                    help="validate the config and print the plan, without training")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=nonneg_int, default=0,
                    help="torch intra-op threads per process (0: torch's default)")
     return p.parse_args(argv)
 
 
 def overrides(sets: list[str]) -> dict:
     """``["max_steps=2", "stage_steps={4: [2]}"]`` -> a dict (values parsed as YAML)."""
-    import yaml
-
-    from ddil_lab.config import ConfigError
+    from ddil_lab.config import ConfigError, parse_yaml
 
     out = {}
     for s in sets:
         key, sep, value = s.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"--set {s!r} is not allowed; allowed: KEY=VALUE, e.g. max_steps=2")
-        out[key.strip()] = yaml.safe_load(value)
+        if key.strip() in out:
+            raise ConfigError(f"--set {s!r} is not allowed: {key.strip()} is set twice; "
+                              "allowed: each KEY once")
+        out[key.strip()] = parse_yaml(value, key.strip(), "a YAML value, e.g. 2, 1.0e-5, true")
     return out
 
 
@@ -90,23 +102,34 @@ def main(argv=None, accelerator=None) -> dict | None:
     from ddil_lab import sd as recipes
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator is None and world > 1:  # started by accelerate launch / torchrun
+    own = accelerator is None and world > 1
+    if own:  # started by accelerate launch / torchrun
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    n = accelerator.num_processes if accelerator is not None else 1
-    recipe = load_recipe(args, n)
-    if accelerator is None or accelerator.is_main_process:
-        print(recipe.summary(), flush=True)
-    if args.check:
-        return None
-    return recipes.run_full(recipe, accelerator=accelerator)
+    try:
+        n = accelerator.num_processes if accelerator is not None else 1
+        recipe = load_recipe(args, n)
+        if accelerator is None or accelerator.is_main_process:
+            print(recipe.summary(), flush=True)
+        if args.check:
+            return None
+        result = recipes.run_full(recipe, accelerator=accelerator)
+        if own:  # no process leaves while another still writes or talks to it
+            accelerator.wait_for_everyone()
+        return result
+    finally:
+        if own:  # a gloo / NCCL group left to interpreter shutdown can abort the process
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def cli(argv=None) -> int:
-    from ddil_lab.train.checkpoint import CheckpointError
     from ddil_lab.hub import OfflineError
     from ddil_lab.train import NonFiniteError
+    from ddil_lab.train.checkpoint import CheckpointError
 
     try:
         main(argv)

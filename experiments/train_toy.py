@@ -12,7 +12,7 @@ sections), then ``--set section.key=value`` overrides, then ``--out`` / ``--resu
 the checkpoints, ``history.jsonl``, ``final/student.safetensors`` (and ``final/ema.safetensors``)
 and ``summary.json`` (losses, wall time and, for the toy backend, sample metrics against the
 true mixture). A bad setting exits with status 2 and a message naming it, a non-finite loss or
-gradient with status 3.
+gradient with status 3, a checkpoint that cannot be resumed or written with status 4.
 """
 
 from __future__ import annotations
@@ -33,6 +33,17 @@ TINY = {
 }
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: '0' or 'x' is refused with a message naming what is allowed."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a positive int")
+    return n
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML run configuration (default: the tiny built-in run)")
@@ -41,8 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (train.out_dir)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest good checkpoint in the output folder")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads per process (1 is fastest for toy tensors)")
+    p.add_argument("--log-with", default="tensorboard", choices=("tensorboard", "wandb", "none"),
+                   help="run tracking in <out>/tensorboard (only with --out or train.out_dir)")
     p.add_argument("--per-process-dir", help="each process writes its final weights and "
                    "history here (process<r>.safetensors / .json), to compare processes")
     return p.parse_args(argv)
@@ -71,18 +84,45 @@ def main(argv=None, accelerator=None):
     from ddil_lab.train import distill
 
     cfg = load_config(args)
-    if accelerator is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    own = accelerator is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if own:
         from accelerate import Accelerator  # started by accelerate launch / torchrun
         accelerator = Accelerator(cpu=True)  # the toy tier runs on CPUs (gloo between them)
-    backend, method, sampler, kw = build(cfg, accelerator)  # validates before heavy work
-    t0 = time.time()
-    result = distill(backend, method, sampler, **kw)
-    if args.per_process_dir:
-        write_process_files(args.per_process_dir, result)
-    out = cfg.train.out_dir
-    if out and result.rank == 0:
-        write_outputs(out, cfg, backend, result, time.time() - t0)
+    try:
+        backend, method, sampler, kw = build(cfg, accelerator)  # validates before heavy work
+        tracker = None
+        if cfg.train.out_dir and args.log_with != "none":
+            from ddil_lab.train.tracking import Tracker
+            rank = accelerator.process_index if accelerator is not None else 0
+            tracker = Tracker(os.path.join(cfg.train.out_dir, "tensorboard"), args.log_with,
+                              config=cfg.to_dict(), enabled=rank == 0)
+            kw = {**kw, "callbacks": (tracker,), "eval_every": kw["eval_every"] or kw["log_every"]}
+        t0 = time.time()
+        result = distill(backend, method, sampler, **kw)
+        if tracker is not None:
+            tracker.write_history(result.history)  # the steps after the last callback
+            tracker.close()
+        if args.per_process_dir:
+            write_process_files(args.per_process_dir, result)
+        out = cfg.train.out_dir
+        if out and result.rank == 0:
+            write_outputs(out, cfg, backend, result, time.time() - t0)
+        if own:  # no process leaves while another still writes or talks to it
+            accelerator.wait_for_everyone()
+    finally:
+        if own:
+            end_processes()
     return result
+
+
+def end_processes():
+    """Tear the process group down before the interpreter exits: a gloo group left to the
+    interpreter's shutdown can abort the process ("terminate called without an active
+    exception") while its threads still run, which ``accelerate launch`` reports as a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _weights(result) -> dict:
@@ -123,8 +163,8 @@ def write_outputs(out: str, cfg, backend, result, seconds: float):
                "final_loss": result.losses()[-1] if result.losses() else None}
     gmm = getattr(backend, "gmm", None)
     if gmm is not None:  # exact sample metrics against the true mixture
-        from ddil_lab.toy.metrics import toy_metrics
         from ddil_lab.sampling import sample
+        from ddil_lab.toy.metrics import toy_metrics
 
         g = torch.Generator().manual_seed(cfg.sample.seed)
         n = cfg.sample.num_samples
@@ -139,9 +179,11 @@ def write_outputs(out: str, cfg, backend, result, seconds: float):
 
 
 def cli(argv=None) -> int:
+    """The command line: exit status 2 for a bad setting, 3 for non-finite values, 4 for a
+    checkpoint that cannot be used or written."""
     from ddil_lab.config import ConfigError
     from ddil_lab.hub import OfflineError
-    from ddil_lab.train import NonFiniteError
+    from ddil_lab.train import CheckpointError, NonFiniteError
 
     try:
         main(argv)
@@ -151,6 +193,9 @@ def cli(argv=None) -> int:
     except NonFiniteError as e:
         print(f"train_toy: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:
+        print(f"train_toy: checkpoint error: {e}", file=sys.stderr)
+        return 4
     return 0
 
 

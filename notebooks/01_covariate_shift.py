@@ -40,6 +40,15 @@
 # Distances are sliced Wasserstein-1 (x1000) between sets of states at the same $t$,
 # class by class; "shift" is $E[-\log q_t(x\mid c)]$ over the states minus the same over
 # forward states (nats, 0 = none).
+#
+# **What you will see** (the default run took 7.7 minutes under papermill on a shared 2-core
+# CPU with a load average near 10; each training cell shows a progress bar per arm):
+#
+# 1. the exact teacher's states over the grey forward marginals $q_t$, with sliders;
+# 2. unconditional: the PD students' states next to the states each was trained on, per-step
+#    distance curves, where the student's step is wrong, and a table with verdict lines;
+# 3. the same under classifier-free guidance, where the sampler leaves $q_t(x\mid c)$;
+# 4. the guided samples side by side, and the guided table.
 
 # %% tags=["parameters"]
 out_dir: str = "runs/notebooks/01_covariate_shift"  # figures and metrics.json go here
@@ -60,8 +69,8 @@ widgets: bool = True  # show sliders under the static figures (in a widget-enabl
 from IPython.display import Markdown, display
 
 from ddil_lab import notebook as nb
-from ddil_lab.toy.lessons import common, shift
 from ddil_lab.toy import make_backend
+from ddil_lab.toy.lessons import common, shift
 
 nb.check_parameters()  # a mistyped papermill parameter stops the run here
 nb.setup(threads=1, seed=seeds[0])
@@ -80,6 +89,10 @@ table_keys = ["mmd_x1e3", "nll", "off_mode", "gap_sum", "train_gap_sum", "drift_
 # "student": the fewer steps, the further its last states and samples leave $q_t$ and the
 # data. Try the slider for the number of steps, and the `fine` box (the teacher walking the
 # 32-step grid inside each student step, which is what the student is taught to imitate).
+#
+# *Controls*: moving one redraws the figure in place. The kernel runs one thing at a time,
+# so while later cells are still running (e.g. during Run All) a moved control redraws only
+# once they have finished.
 
 # %%
 uncond = make_backend(setting, init_steps=init_steps)
@@ -90,9 +103,10 @@ nb.explore(shift.teacher_over_marginals, {"n_steps": (1, 8, 1), "fine": bool},
 # %% [markdown]
 # ## 2. Unconditional: a PD student, with and without DDIL
 #
-# Each row is a policy from the same noise $x_T$; black dots are the states that arm was
-# *trained* on at that $t$ (forward states for the baseline; forward plus mixed-rollout
-# states for DDIL). The last column draws a few whole trajectories.
+# Each row is a policy from the same noise $x_T$ (colour) over the grey $q_t$; black dots are
+# the states that arm was *trained* on at that $t$ (forward states for the baseline; forward
+# plus mixed-rollout states for DDIL). The last column draws a few whole trajectories. The
+# training cell below shows one progress bar per arm (each arm trains its seeds together).
 
 # %%
 study_u = shift.shift_study(uncond, "pd", ("baseline", "ddil"), **train_kw)
@@ -100,18 +114,42 @@ rec.figure("states_uncond", shift.states_over_marginals(uncond, study_u.trajs,
                                                      train_states=study_u.train_states))
 
 # %% [markdown]
-# Per step: distance of each policy's states to forward states (what forward-only training
-# sees), to the arm's own training states, and to the teacher's states, and the excess
-# $-\log q_t$ (mean and ±1 std over seeds). The teacher's row is a second, independent
-# teacher draw: its distances are the noise floor of these estimates (at $t=999$ every
-# policy holds pure noise). The step error compares one student step with the teacher's
-# substep walk from the same state, on forward states and on the student's own states.
+# Per step $t$ (mean and ±1 std over seeds), four measures of where a policy's inference
+# states $x_t$ sit, each a sliced Wasserstein-1 distance x1000 between state sets except the
+# last:
+#
+# - **`gap`**: to fresh forward states of $q_t(x\mid c)$, the states forward-only training
+#   looks at. Large gap = covariate shift for a forward-only student.
+# - **`train_gap`**: to the states *this arm* was trained on at $t$ (the black dots above).
+#   For the baseline it equals its gap; DDIL's rollouts should bring it down.
+# - **`drift`**: to the teacher's states at $t$ (the states the student should visit).
+# - **`shift`**: the excess $-\log q_t(x\mid c)$ in nats, 0 when the states are as likely
+#   under $q_t$ as forward states are.
+#
+# The table's `gap_sum`, `train_gap_sum`, `drift_sum` and `shift_sum` add these over the
+# student timesteps. The teacher's row is a second, independent teacher draw: its distances
+# are the noise floor of these estimates (at $t=999$ every policy holds pure noise, so the
+# curves start at that floor).
 
 # %%
 rec.figure("shift_uncond", shift.shift_curves(study_u))
 
+# %% [markdown]
+# Where the student's step is wrong: the RMS distance between one student DDIM step and the
+# teacher's substep walk from the same state (the PD target), on forward states (dashed,
+# where PD trains) and on the student's own inference states (solid, where it is used).
+
 # %%
 rec.figure("step_error_uncond", shift.step_errors(study_u))
+
+# %% [markdown]
+# The numbers, mean ± std over seeds. Sample quality: `mmd_x1e3`, the squared MMD x1000
+# between the policy's samples and the 32-step teacher's (the *unbiased* estimator: its
+# expected value is 0 for identical distributions, so values near 0 may come out slightly
+# negative; read a negative value as "as close as sampling noise can tell"), `nll` under the
+# true mixture (nats), `off_mode` the fraction of samples far from every mode. Then the sums
+# of the per-step curves above. The verdict lines say whether DDIL's change is larger than
+# the seeds' noise.
 
 # %%
 rows_u = {k: nb.seed_lists(v) for k, v in study_u.rows.items()}
@@ -149,6 +187,8 @@ rec.figure("step_error_guided", shift.step_errors(study_g))
 
 # %% [markdown]
 # ## 4. Side by side: samples and numbers
+#
+# Final samples of each policy from the same noise, coloured by class (crosses: the modes).
 
 # %%
 rec.figure("samples_guided", common.sample_panels({k: t.sample for k, t in study_g.trajs.items()},
@@ -165,6 +205,8 @@ print("metrics and figures in", rec.save())
 
 # %% [markdown]
 # ## What to read, and what to try
+#
+# Figures and `metrics.json` are in `out_dir` (`run/wall_s` is the run's time).
 #
 # - **Unconditional**: the teacher's and the students' states sit on $q_t$ (small `gap`,
 #   close to the teacher's own). There is little covariate shift to correct, and DDIL is

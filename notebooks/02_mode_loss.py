@@ -31,7 +31,36 @@
 # trajectory keeps every mode at its weight at every step; a student's states may not.
 #
 # We compare the teacher, a PD student, an LCM student and a DMD2 student, each with and
-# without DDIL, on a mixture with unequal mode weights (small modes are the first to go).
+# without DDIL, on a mixture with unequal mode weights (0.30 down to 0.04), where a
+# mode-seeking policy should drop the small modes first.
+#
+# **What you will see** (the default run took 3 minutes under papermill on a shared 2-core CPU
+# with a load average near 9; the training and the mode-counting cells show progress bars):
+#
+# 1. the samples of every policy;
+# 2. per policy, the modes the teacher reaches from its states at each step (heatmaps), the
+#    effective number of reachable modes per step, and where the final samples land;
+# 3. a table of the mode-loss numbers and a map of where each state leads (controls).
+#
+# **What the default run shows** (measured once at these defaults: 2 seeds, 300 steps,
+# `n_eval=2000`; your run prints its own numbers in section 3). With `critic_steps=1` (the
+# fake critic is updated once per generator step, so it lags the generator and DMD2's
+# reverse-KL pull is strongly mode-seeking), DMD2 trained on its own backward trajectories
+# loses reachable modes step by step: 6.3, 6.0, 5.4 effective modes at t = 749, 500, 250,
+# then 2.6 in its samples, against the teacher's 6.6 at every step; its samples put 7% of
+# their mass in the small modes (those under half the largest mode's weight) against the
+# teacher's 35%. **The small modes go first.** DMD2 with DDIL (half forward states) ends at
+# 4.6 effective modes and 10%: somewhat less loss, but within the seeds' noise at 2 seeds
+# (the verdict lines), and 42% of its samples land off every mode (backward: 28%). PD and LCM keep their modes (6.5 and 6.3 effective modes, 33% and
+# 31%). The plain 4-step DDIM teacher, the untrained student, loses small modes in its last
+# step only (5.3, 16%).
+#
+# Two conditions matter, both measured with a smaller evaluation (`docs/notebooks.md`): with
+# `critic_steps=5` (try it) the critic keeps up and DMD2 only *leans* towards the large
+# modes mid-trajectory (about 6.0 effective modes at t = 500), then spreads again in its last
+# step, ending with slightly *more* weight on the small modes than the teacher (7.1 effective
+# modes); and with 600 instead of 300 steps the lagging-critic DMD2 recovers most of its loss
+# (6.4 effective modes). So this is mode loss at a training budget, not a fixed point.
 
 # %% tags=["parameters"]
 out_dir: str = "runs/notebooks/02_mode_loss"  # figures and metrics.json go here
@@ -42,7 +71,7 @@ batch_size: int = 256  # training states per step and seed
 lr: float = 1e-3  # AdamW learning rate
 ddil_share: float = 0.5  # DDIL: fraction of each batch from rollouts
 pd_substeps: int = 4  # PD: teacher DDIM steps per student step
-critic_steps: int = 5  # DMD2: fake-critic updates per generator update
+critic_steps: int = 1  # DMD2: fake-critic updates per generator update (1: a lagging critic, mode-seeking; try 5)
 dmd2_arms: list = ["backward", "ddil"]  # DMD2 arms: backward (its own rollouts only), ddil, baseline (forward only)
 seeds: list = [0, 1]  # seeds of each arm (trained together as one ensemble)
 n_eval: int = 2000  # trajectories drawn per policy
@@ -54,8 +83,8 @@ widgets: bool = True  # show controls under the static figures (in a widget-enab
 from IPython.display import Markdown, display
 
 from ddil_lab import notebook as nb
-from ddil_lab.toy.lessons import common, modes
 from ddil_lab.toy import make_backend
+from ddil_lab.toy.lessons import common, modes
 
 nb.check_parameters()  # a mistyped papermill parameter stops the run here
 nb.setup(threads=1, seed=seeds[0])
@@ -69,7 +98,8 @@ method_kw = {"pd": {"substeps": pd_substeps}, "dmd2": {"critic_steps": critic_st
 # PD and LCM: *baseline* trains on forward states only; *ddil* puts half of each batch on
 # rollouts (PD: mixed teacher/student rollouts; LCM: the student's own 3/4/5-step
 # trajectories, as in the paper). DMD2: *backward* is DMD2's own backward simulation (all
-# states from the student's rollouts), *ddil* half forward, half mixed rollouts.
+# states from the student's rollouts), *ddil* half forward, half mixed rollouts. One progress
+# bar per arm; then one for counting the modes the teacher reaches from every state.
 
 # %%
 backend = make_backend(setting, init_steps=init_steps)
@@ -87,7 +117,11 @@ rec.figure("samples", common.sample_panels({k: t.sample for k, t in study.trajs.
 # Rows: the steps of each policy's trajectory, from $x_T$ (top) to its samples (bottom).
 # Columns: the modes the teacher reaches from those states (and off-mode). A policy that
 # keeps diversity keeps every column at the teacher's weight all the way down; a column that
-# fades at some row is a mode lost at that step.
+# fades at some row is a mode lost at that step. Then the same per step as two numbers: the
+# effective number of reachable modes ($\exp$ of the entropy of a row: 8 for eight equal
+# modes, 1 for one; the teacher's value is the target, not the maximum) and the total
+# variation between a row and the teacher's samples' mode weights. Last, where the final
+# samples land, per mode.
 
 # %%
 rec.figure("reachable_modes", modes.reachable_heatmaps(study))
@@ -99,21 +133,19 @@ rec.figure("effective_modes", modes.effective_modes(study))
 rec.figure("final_modes", modes.final_mode_bars(study))
 
 # %% [markdown]
-# ## 3. Where each state leads
+# ## 3. The numbers, and where each state leads
 #
-# Pick a policy and a step: the states there, coloured by the mode the teacher reaches from
-# them. Early states of a diverse policy are a patchwork of all colours in the teacher's
-# proportions; a mode-seeking policy's states already lean towards a few colours.
+# Per policy (mean ± std over seeds): effective reachable modes at the first step after
+# $x_T$, at its lowest step and in its samples, and the share of the samples in the small
+# modes (those under half the largest mode's weight in the teacher's samples). Then the
+# sample metrics: `mmd_x1e3` (squared MMD x1000 to the teacher's samples, unbiased: values
+# near 0 can be slightly negative), `nll` (nats) and `tv` (total variation to the teacher's
+# mode weights), with verdict lines for each method with and without DDIL.
 
 # %%
-names = list(study.trajs)
-first = next((n for n in names if n.startswith("dmd2")), names[-1])
-nb.explore(modes.reach_map, {"name": names, "step": (0, n_steps, 1)},
-              {"name": first, "step": 1}, rec, "reach_map", widgets, study=study)
-
-# %%
-keys = ["mmd_x1e3", "nll", "tv", "off_mode", "effective_modes_min", "effective_modes_final",
-        "tv_first_step"]
+loss_rows = modes.mode_loss_rows(study)
+display(Markdown(nb.markdown_table(loss_rows, list(loss_rows["teacher"]), fmt="{:.2f}")))
+keys = ["mmd_x1e3", "nll", "tv", "off_mode"]
 rows = {k: nb.seed_lists(v) for k, v in study.rows.items()}
 display(Markdown(nb.markdown_table(rows, keys)))
 for method, arms in plan.items():
@@ -122,8 +154,24 @@ for method, arms in plan.items():
         print(nb.verdict(study.rows, a, b, "tv"))
         print(nb.verdict(study.rows, a, b, "mmd_x1e3"))
 rec.log("modes", {k: nb.seed_mean(v) for k, v in study.rows.items()})
+rec.log("mode_loss", {k: {h: sum(v) / len(v) for h, v in r.items()}
+                      for k, r in loss_rows.items()})
 rec.log("effective_modes", {k: dict(enumerate(s["effective_modes"]))
                             for k, s in study.summary.items()})
+
+# %% [markdown]
+# Pick a policy and a step: the states there, coloured by the mode the teacher reaches from
+# them. Early states of a diverse policy are a patchwork of all colours in the teacher's
+# proportions; a mode-seeking policy's states already lean towards a few colours.
+#
+# *Controls* redraw the figure in place; while later cells are still running (Run All) they
+# redraw only once those have finished.
+
+# %%
+names = list(study.trajs)
+first = next((n for n in names if n.startswith("dmd2")), names[-1])
+nb.explore(modes.reach_map, {"name": names, "step": (0, n_steps, 1)},
+              {"name": first, "step": 1}, rec, "reach_map", widgets, study=study)
 print("metrics and figures in", rec.save())
 
 # %% [markdown]
@@ -136,10 +184,11 @@ print("metrics and figures in", rec.save())
 #   means flatter weights, fewer means weights piled on the large modes). A dip at an
 #   intermediate step that recovers at the end is a trajectory that leans on the large modes
 #   mid-way and spreads again in its last step. `tv` is the total variation to the teacher's
-#   mode weights (samples from the same noise); `tv_first_step` measures it at the first step
-#   after $x_T$.
+#   mode weights (samples from the same noise).
+# - Mode loss, as the paper describes it, is a column that fades *and stays faded* down to
+#   the samples; compare the `eff. modes` columns of the table with the teacher's row.
 # - The verdict lines compare each method with and without DDIL, in standard errors over
 #   the seeds; at this budget and on this toy, read them before any story.
-# - Try: `critic_steps=1` (a fake critic that lags makes DMD2 more mode-seeking); more
-#   `steps`; `dmd2_arms=["baseline", "backward", "ddil"]`; `setting="guided"` (guidance is
-#   itself mode-seeking); `n_steps=2`.
+# - Try: `critic_steps=5` (a critic that keeps up: the mid-trajectory lean without the loss
+#   at the end); more `steps`; `dmd2_arms=["baseline", "backward", "ddil"]`;
+#   `setting="guided"` (guidance is itself mode-seeking); `n_steps=2`.

@@ -30,6 +30,16 @@
 # against the exact teacher (`experiments/toy_table.py`; the quick setting by default).
 # Part 2 opens the StateSampler: **where the training states come from, as training
 # proceeds**, coloured by source.
+#
+# **What you will see** (the default run took 5.5 minutes under papermill on a shared 2-core
+# CPU with a load average near 9; the training cells show progress bars):
+#
+# 1. one compact table of the toy table's arms (sample quality, mean ± std over seeds) with
+#    verdict lines, and one figure: the samples of every arm; the full tables and the other
+#    figures are written to `out_dir/toy_table/`;
+# 2. one student's training states, one row per source, at any snapshot of training (slider),
+#    the share of each source over training, and the loss on each source;
+# 3. a what-if preview of the StateSampler with other priors (sliders).
 
 # %% tags=["parameters"]
 out_dir: str = "runs/notebooks/03_ddil_methods"  # figures and metrics.json go here
@@ -58,8 +68,8 @@ import os
 from IPython.display import Markdown, display
 
 from ddil_lab import notebook as nb
-from ddil_lab.toy.lessons import sources
 from ddil_lab.toy import make_backend
+from ddil_lab.toy.lessons import sources
 
 nb.check_parameters()  # a mistyped papermill parameter stops the run here
 nb.setup(threads=1, seed=seed)
@@ -71,41 +81,63 @@ priors = {"beta_frwd": beta_frwd, "beta_teacher_bckwrd": beta_teacher_bckwrd,
 # ## 1. The toy table
 #
 # Every arm of a setting trains with the same gradient steps, batch and learning rate and
-# is evaluated from the same noise and labels. Columns: NLL under the true mixture, MMD and
-# sliced W1 to the 32-step teacher's samples (x1000), mode coverage, mode-weight TV,
-# off-mode fraction, the summed covariate shift (nats vs $q_t(x\mid c)$) and the summed
-# drift from the teacher's states. With the quick setting the budget is tiny: read the
-# table as a demonstration of the pipeline, and the committed full run in the README for
-# results.
+# is evaluated from the same noise and labels, against the 32-step exact teacher. Columns:
+# NLL of the samples under the true mixture (nats, lower is better), squared MMD x1000 to
+# the teacher's samples (unbiased estimator: 0 for the same distribution, slightly negative
+# values are sampling noise) and the fraction of samples off every mode. The `teacher`
+# rows are the noise floor (a second draw of the 32-step teacher) and plain 4-step DDIM of
+# the teacher (the untrained student). With the quick setting the budget is tiny: read the
+# table as a demonstration of the pipeline, and the committed full run (`docs/results.md`)
+# for results.
 
 # %%
 table = sources.run_toy_table(os.path.join(out_dir, "toy_table"), table_quick, **table_overrides)
-display(Markdown(table["markdown"]))
-
-# %%
-for path in table["files"]:
-    if path.endswith(".png"):
-        rec.image("table_" + os.path.basename(path)[:-4], path)
-
-# %%
+shown = table["rows"][0]["setting"]
+display(Markdown(f"**{shown}**, {len(table['config']['seeds'])} seed(s), "
+                 f"{table['config']['steps']} steps per arm\n\n"
+                 + nb.markdown_table(sources.compact_table(table["rows"], shown),
+                                     list(sources.COMPACT_HEADERS), fmt="{:.4g}")))
+for line in sources.table_verdicts(table["rows"], shown):
+    print(line)
 rec.log("table", sources.table_metrics(table["summary"]))
+
+# %% [markdown]
+# Samples of each arm from the same noise (seed 0), coloured by class, crosses at the modes:
+# what the numbers above summarise. The per-step shift / gap / drift curves and the mode
+# histograms of every setting, the full tables (with the train time and the cost per
+# sample) and the CSVs are in `out_dir/toy_table/` (`table.md`, `steps_<setting>.png`,
+# `modes_<setting>.png`, `summary.csv`).
+
+# %%
+samples_png = next(p for p in table["files"] if p.endswith(f"samples_{shown}.png"))
+rec.image("table_samples", samples_png)
 
 # %% [markdown]
 # ## 2. Where the training states come from
 #
 # One student, trained on all four sources with the priors above and the paper's
 # *student-selection* schedule: early on the student is poor, so states come from the data;
-# over `ramp_steps` the priors move to the chosen mix. Each row is a snapshot of the
-# training states at a training step, each column a student timestep; colour is the
-# source: forward (blue), teacher rollouts (green), student rollouts (red), mixed (orange).
+# over `ramp_steps` the priors move to the chosen mix. The figure shows one snapshot of the
+# training states: one row per source, one column per student timestep, over the grey
+# forward marginal $q_t$: forward (blue) fills $q_t$, teacher (green), student (red) and
+# mixed (orange) rollouts sit where those samplers go. The slider picks the snapshot
+# (0: the first, after `snapshot_every` steps); the last is shown first.
+#
+# *Controls* redraw the figure in place; while later cells are still running (Run All) they
+# redraw only once those have finished.
 
 # %%
 backend = make_backend(setting, init_steps=init_steps)
 result, snaps = sources.sources_run(backend, method, priors, p_student, ramp_steps, steps,
                                   batch_size, lr, n_snapshot=n_snapshot,
                                   snapshot_every=snapshot_every, seed=seed)
-rec.figure("sources_over_training", sources.sources_over_training(snaps, backend,
-                                                             result.method.grid.tolist()))
+n_snaps = len(snaps.snapshots)
+nb.explore(sources.snapshot_by_source, {"snapshot": (0, n_snaps - 1, 1)},
+           {"snapshot": n_snaps - 1}, rec, "sources_over_training", widgets, snapshots=snaps,
+           backend=backend, grid=result.method.grid.tolist())
+
+# %% [markdown]
+# The share of each source among the training states over training (the prior schedule).
 
 # %%
 rec.figure("source_fractions", sources.source_fractions(snaps))
@@ -142,11 +174,14 @@ print("metrics and figures in", rec.save())
 # %% [markdown]
 # ## What to read, and what to try
 #
-# - In the table, compare each method's arms against the seeds' spread (mean ± std); the
-#   teacher rows give the noise floor (a second teacher draw) and what plain 4-step DDIM of
-#   the teacher achieves.
+# - In the table, compare each method's arms against the seeds' spread (mean ± std) and read
+#   the verdict lines; the teacher rows give the noise floor (a second teacher draw) and what
+#   plain 4-step DDIM of the teacher achieves. `out_dir/toy_table/table.md` has every metric.
 # - In the snapshots, forward states fill $q_t$ evenly while rollout states follow the
-#   sampler; under guidance they sit where the guided sampler goes.
+#   sampler: under guidance (the default `setting`) compare the rows at $t = 500$ and $250$,
+#   where the rollout rows spread outwards, towards the modes of their class, and the
+#   forward row stays on the unconditional $q_t$. Move the slider to the first snapshots:
+#   during the `ramp_steps` ramp most states are forward states (the row labels give the shares).
 # - Try: `table_quick=False, table_overrides={}` for the full table (about 15 minutes);
 #   `table_overrides={"settings": ["ring8"], "steps": 300}`; `method="dmd2"`;
 #   `beta_frwd=0` (no data: the data-free setting, teacher rollouts stand in for the data);

@@ -30,7 +30,17 @@
 # Because DDIM derives its noise direction from $\hat x_0$, clamping $\hat x_0$ also changes
 # where the next state goes. This notebook shows what thresholding does (1) to the guided
 # teacher's $\hat x_0$, (2) to each method's regression targets, and (3) to DMD2 trained with
-# a small batch, over seeds.
+# a small batch, over seeds, and (4) why, at these defaults, reflection makes that DMD2
+# *worse*, not better.
+#
+# **What you will see** (the default run took 3 minutes under papermill on a shared 2-core CPU
+# with a load average near 10; the DMD2 cell shows one progress bar per run):
+#
+# 1. the guided teacher's raw and clamped $\hat x_0$ per step (sliders);
+# 2. each method's targets with and without reflection, and a table of how many leave the box;
+# 3. DMD2 at batch 8 over seeds: generator loss and sample quality during training, the
+#    critic's loss, and a table with verdict lines;
+# 4. why reflection makes it worse here, and the settings searched for the paper's claim.
 
 # %% tags=["parameters"]
 out_dir: str = "runs/notebooks/04_reflected"  # figures and metrics.json go here
@@ -54,8 +64,8 @@ widgets: bool = True  # show controls under the static figures (in a widget-enab
 from IPython.display import Markdown, display
 
 from ddil_lab import notebook as nb
-from ddil_lab.toy.lessons import common, reflection
 from ddil_lab.toy import make_backend
+from ddil_lab.toy.lessons import common, reflection
 
 nb.check_parameters()  # a mistyped papermill parameter stops the run here
 nb.setup(threads=1, seed=seeds[0])
@@ -70,6 +80,10 @@ backend = make_backend(setting, teacher=teacher, guidance=guidance, init_steps=i
 # guidance slider: at $w=1$ the exact teacher is a posterior mean, an average of data
 # points, so it stays inside the box (up to the Gaussians' tails); guidance extrapolates,
 # and past some $w$ its estimates leave the box.
+#
+# *Controls* redraw the figure in place. The kernel runs one thing at a time, so while later
+# cells are still running (e.g. during Run All) a moved control redraws only once they have
+# finished.
 
 # %%
 nb.explore(reflection.teacher_x0, {"guidance": (1.0, 10.0, 0.5), "thresholding": bool},
@@ -80,7 +94,8 @@ nb.explore(reflection.teacher_x0, {"guidance": (1.0, 10.0, 0.5), "thresholding":
 traj, cond = common.teacher_trajectory(backend, n_steps, n=n_eval)
 outside = {f"t{t}": reflection.outside_support(x0)
            for t, x0 in zip(traj.grid, reflection.teacher_x0_along(backend, traj, cond))}
-print("fraction of the teacher's x0 outside [-1, 1]^2 per step:", outside)
+print("share of the teacher's x0 outside [-1, 1]^2 per step:",
+      ", ".join(f"t = {t[1:]}: {100 * v:.0f}%" for t, v in outside.items()))
 rec.log("teacher_x0_outside", outside)
 
 # %% [markdown]
@@ -125,18 +140,72 @@ runs = reflection.stability_runs(backend, "dmd2", dmd2_arms, seeds, steps=dmd2_s
                             method_kw={"critic_steps": critic_steps})
 rec.figure("dmd2_stability", reflection.stability(runs, "loss/student"))
 
-# %%
-rec.figure("dmd2_critic", reflection.stability(runs, "loss/critic"))
+# %% [markdown]
+# The fake critic's denoising loss on the generator's samples, per run (its sample-quality
+# panels would repeat the ones above).
 
 # %%
-keys = ["final_mmd", "max_loss", "raw_outside", "skipped"]
+rec.figure("dmd2_critic", reflection.stability(runs, "loss/critic", quality=False))
+
+# %% [markdown]
+# Per arm (mean ± std over seeds): `final_mmd` (squared MMD x1e3 of the 4-step samples to
+# the 32-step teacher's, at the end), `max_loss` (largest generator loss), `on_edge` (share
+# of samples with a coordinate exactly on the edge of the box, where a clamp leaves every
+# estimate that was outside), `raw_outside` (share of the student's *unclamped* $\hat x_0$
+# along its own trajectories that lie off the box) and `skipped` (non-finite updates).
+
+# %%
+keys = ["final_mmd", "max_loss", "on_edge", "raw_outside", "skipped"]
 per_seed = {arm: [{k: r[k] for k in keys} for r in rs] for arm, rs in runs.items()}
 display(Markdown(nb.markdown_table({a: nb.seed_lists(v) for a, v in per_seed.items()},
-                                      keys)))
+                                      keys, fmt="{:.4g}")))
 for arm in dmd2_arms[1:]:
     print(nb.verdict(per_seed, dmd2_arms[0], arm, "final_mmd"))
 rec.log("dmd2", {arm: nb.seed_mean(v) for arm, v in per_seed.items()})
 print("metrics and figures in", rec.save())
+
+# %% [markdown]
+# ## 4. Why reflection makes small-batch DMD2 worse here
+#
+# The paper reports that reflection *stabilises* DMD2 with small batches. At these defaults
+# (guidance $w=9$, batch 8, lr $10^{-3}$, 5 critic steps, 300 steps) it does the opposite,
+# and the `on_edge` column shows the symptom: most of the reflected student's samples have a
+# coordinate exactly on the edge of the box, far from every mode (the teacher's samples are
+# inside the box: 0.3% of them leave it at $w=9$). Why:
+#
+# - **The clamped real score points at the edge.** DMD2 pulls the generator by
+#   $g \propto \hat x_0^\text{fake} - \hat x_0^\text{real}$ at a random noise level
+#   $\tau$. Under guidance the teacher's $\hat x_0$ at noisy $\tau$ lies *outside* the box
+#   (section 1), so the reflected teacher's estimate sits *on its edge*: clamping moves the
+#   target of the distribution matching from "the data" to "the edge of the box", and the
+#   generator follows it. Section 2's table shows DMD2's reflected targets still leave the
+#   box.
+# - **The clamp also blocks the way back.** The generator's output is clamped inside the loss,
+#   whose derivative is 0 outside the box: a coordinate that has left it gets no gradient and
+#   stays (`raw_outside`). This is not the main cause: in the search below, a straight-through
+#   clamp (clamped forward, gradient passed) is no better.
+# - **Small batches make each pull noisier** (8 samples, lr $10^{-3}$): a few large steps put
+#   samples on the edge, and the edge is where the clamped target keeps them.
+#
+# **Is there a regime where the paper's claim holds on this toy?** Not among the small-batch
+# settings searched (3 seeds each, 300 steps, one run per seed; final MMD² x1e3, baseline ->
+# reflected; measured on a shared 2-core CPU):
+#
+# | setting | baseline | reflected | verdict | reflected `on_edge` |
+# |---|---|---|---|---|
+# | $w=9$, batch 8, lr 1e-3, 5 critic steps (these defaults) | 1216 | 2504 | worse, 6.8 SE | 0.56-0.99 |
+# | $w=9$, batch 8, lr 1e-4 | 1342 | 1889 | worse, 3.1 SE | 0.50-0.90 |
+# | $w=9$, batch 8, lr 1e-3, 1 critic step | 1554 | 3085 | worse, 4.9 SE | 0.99-1.00 |
+# | $w=9$, batch 8, lr 1e-3, straight-through clamp | 1265 | 2658 | worse, 3.6 SE | 0.93-1.00 |
+# | $w=6$, batch 8, lr 1e-4 | 887 | 946 | no difference | 0.30-0.48 |
+# | $w=6$, batch 64, lr 1e-4 | 882 | 912 | 1.9 SE worse | 0.61-0.65 |
+#
+# The closest to the claim is "no worse" at weaker guidance and a smaller learning rate,
+# where fewer estimates are clamped. The toy table (`docs/results.md`) has reflection helping
+# guided DMD2 at lr 1e-4 with batch 256 (NLL and off-mode), i.e. not at small batch. Reflection
+# as wired here (every estimate hard-clamped, as the paper's Sec. 4.1 lists) keeps samples on
+# the support but not on the data; a softer wiring (e.g. clamping only where the teacher is
+# queried at low noise) is a question for the method, not settled here.
 
 # %% [markdown]
 # ## What to read, and what to try
@@ -145,8 +214,8 @@ print("metrics and figures in", rec.save())
 #   never does, the guided one does at the early, noisy steps, which is where targets get
 #   extreme and gradients noisy.
 # - The verdict lines compare the final sample quality of each arm in standard errors over
-#   the seeds; the curves show whether runs wander. Whether reflection helps DMD2 here
-#   depends on how the clamp is wired into its loss (previous section), not only on the
-#   idea of keeping estimates on the support.
-# - Try: `guidance` 1 (nothing to clamp), 3, 9; `dmd2_batch_size` 4 or 64; `critic_steps=1`;
-#   `setting="ring8"`; more `seeds`.
+#   the seeds; the curves show whether runs wander. Read `on_edge` and `raw_outside` next to
+#   them: a reflected arm that is worse and has many samples on the edge lost coordinates to
+#   the clamp.
+# - Try: `guidance` 1 (nothing to clamp), 3, 6; `lr=1e-4`; `dmd2_batch_size` 4 or 64;
+#   `critic_steps=1`; `setting="ring8"`; more `seeds`.

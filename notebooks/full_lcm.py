@@ -91,6 +91,7 @@ keep_stage_checkpoints: bool = False  # keep the optimizer checkpoints of finish
 sample_every: int = 500  # sample grid and loss plot every k steps (and at each stage end)
 n_samples: int = 8  # images per sample grid
 log_every: int = 10  # history record every k steps
+log_with: str = "tensorboard"  # run tracking: "tensorboard" (in out_dir), "wandb" or "none"
 progress: bool = True  # progress bars
 # ---- evaluation of the exported pipeline (the paper's protocol) ----
 metrics: str = "auto"  # "auto" (skip metrics without weights), "required", "tiny" or "none"
@@ -130,12 +131,16 @@ print(recipe.summary())
 # %% [markdown]
 # ## Train, export, evaluate
 #
-# Progress bars per stage; every `sample_every` steps (and at the end of each stage) a grid of
+# First the memory plan (`ddil_lab.sd.plan_memory`: predicted peak memory per process, by part,
+# and which GPU sizes it fits). Progress bars per stage; every `sample_every` steps (and at the
+# end of each stage) a grid of
 # samples of the current student on fixed noise and prompts, and the loss plot (split by the
 # source of the training states), saved under `out_dir` and shown here. Then the student is
 # exported as a diffusers pipeline and evaluated with the paper's protocol (FID, CLIP score,
 # LPIPS diversity, HPSv2 where available; a metric whose weights are missing is skipped with a
-# note unless `metrics="required"`).
+# note unless `metrics="required"`). With `log_with="tensorboard"` the losses (per state source),
+# learning rate, NFE, sample grids and metrics go to `out_dir/tensorboard`
+# (`tensorboard --logdir <out_dir>/tensorboard`); `log_with="wandb"` sends them to wandb.
 
 # %%
 result = sd.run_full(recipe, callbacks=[sd.show_progress])

@@ -3,8 +3,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from ddil_lab.diffusion import Schedule, Threshold, substeps, threshold, timesteps
 from ddil_lab.denoiser import CFG, PredEps, PredV
+from ddil_lab.diffusion import Schedule, Threshold, substeps, threshold, timesteps
 from ddil_lab.sampling import sample
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -124,3 +124,28 @@ def test_threshold_static_dynamic_and_identity():
         Threshold("reflect")
     with pytest.raises(ValueError, match="lo=1"):
         Threshold("static", lo=1, hi=-1)
+
+
+def test_explicit_zero_betas_are_honoured_or_refused_never_replaced():
+    """``beta_start=0.0`` is a value, not "use the default" (it was, through ``or``)."""
+    from ddil_lab.validation import ConfigError
+
+    for kind in ("linear", "scaled_linear"):
+        s = Schedule(kind, beta_start=0.0)
+        assert float(s.betas[0]) == 0.0 and float(s.alpha_bar[0]) == 1.0
+        assert s.beta_start == 0.0
+        ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0,
+                            beta_end=0.02 if kind == "linear" else 0.012, beta_schedule=kind)
+        torch.testing.assert_close(s.alpha_bar[:-1], ref.alphas_cumprod, atol=1e-6, rtol=1e-5)
+    assert Schedule("linear").beta_start == 1e-4  # None is the default
+    with pytest.raises(ConfigError, match=r"beta_end=0.0 is not allowed: it must exceed "
+                                          r"beta_start=0.00085"):
+        Schedule(beta_end=0.0)
+    with pytest.raises(ConfigError, match=r"beta_start=0.0 is not allowed; allowed: None for "
+                                          r"kind='cosine'"):
+        Schedule("cosine", beta_start=0.0)
+    for kw, name in (({"beta_start": float("nan")}, "beta_start=nan"),
+                     ({"beta_end": 1.0}, "beta_end=1.0"), ({"T": True}, "T=True"),
+                     ({"kind": "cosin"}, "kind='cosin'")):
+        with pytest.raises(ConfigError, match=f"{name} is not allowed"):
+            Schedule(**kw)

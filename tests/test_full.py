@@ -9,6 +9,7 @@ the notebooks' parameter defaults are the recipes' defaults; a resumed run loads
 student bit for bit.
 """
 import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -147,16 +148,24 @@ def test_configs_load_and_validate(method):
 @pytest.mark.parametrize("params,pattern", [
     ({"lr": -1.0}, r"lr=-1\.0 is not allowed"),
     ({"n_steps": "4"}, r"n_steps='4' is not allowed: must be int"),
+    ({"n_steps": 0}, r"n_steps=0 is not allowed: an int in \[1, 1000\]"),
     ({"beta_frwd": 0.9}, r"sum to 1"),
     ({"stage_steps": {16: [5000]}}, r"stage_steps=.*needs an entry 8"),
-    ({"start_steps": 24}, r"start_steps=24 is not allowed"),
+    ({"start_steps": 24, "match_grid": 48}, r"start_steps=24 is not allowed"),
     ({"batch_size": 5}, r"batch_size=5 is not allowed.*multiple of num_processes=2"),
+    ({"log_with": "wandb"} if importlib.util.find_spec("wandb") is None else {"log_with": "x"},
+     r"log_with=.* (needs the 'wandb' package|is not allowed)"),
 ])
-def test_bad_parameters_are_named(params, pattern):
+def test_bad_parameters_are_named(params, pattern, tmp_path):
+    """Each bad parameter alone, in a fresh out_dir (never the working tree's runs/): the
+    error names it, and only it."""
     from ddil_lab.sd.recipes import make_recipe
 
-    with pytest.raises(ValueError, match=pattern):
-        make_recipe("pd", model_id="tiny", **params).validate(num_processes=2)
+    r = make_recipe("pd", model_id="tiny", out_dir=str(tmp_path / "run"), **params)
+    with pytest.raises(ValueError, match=pattern) as e:
+        r.validate(num_processes=2)
+    assert str(e.value).count("\n  - ") == 1, str(e.value)  # one bad parameter, one message
+    make_recipe("pd", model_id="tiny", out_dir=str(tmp_path / "run")).validate(num_processes=2)
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['stpes'\]"):
         make_recipe("lcm", stpes=3)
 
@@ -215,6 +224,35 @@ def test_notebook_writes_samples_metrics_and_pipeline(runs, method):
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
     assert any(str(d / "pipeline") in "".join(o.get("text", "")) for o in outputs)
+    from ddil_lab.notebook import output_problems
+
+    assert output_problems(nb) == []
+    text = "".join("".join(o.get("text", "")) for o in outputs)
+    assert "memory plan:" in text and "total (peak, per process)" in text
+
+
+def test_full_pd_writes_tensorboard_events(runs):
+    """log_with="tensorboard" (the default): the run folder holds event files with the losses
+    per state source, the learning rate and NFE at the global step of every stage, and grids."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ddil_lab.train.tracking import event_files, read_scalars
+
+    r = runs["pd"]
+    assert r["rc"] == 0, r["log"][-3000:]
+    d = r["dir"] / "tensorboard"
+    assert event_files(d)
+    scalars = read_scalars(d)
+    history = json.loads((r["dir"] / "history.json").read_text())
+    loss = {s: v for s, v in scalars["loss/student"]}
+    assert sorted(loss) == [h["global_step"] for h in history]  # v, gc, 4to2 x2: 8 steps
+    for h in history:
+        assert loss[h["global_step"]] == pytest.approx(h["loss/student"], rel=1e-6)
+    assert {"lr", "nfe/teacher", "nfe/student"} <= set(scalars)
+    assert any(k.startswith("source/") for k in scalars)
+    acc = EventAccumulator(event_files(d)[0])
+    acc.Reload()
+    assert any(t.startswith("samples/") for t in acc.Tags()["images"])
 
 
 def test_pd_runs_every_stage_of_its_plan(runs):

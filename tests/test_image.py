@@ -202,7 +202,7 @@ def test_backend_contract(digits):
     assert un.sample_data(3)[1] is None and un.sample_cond(3) is None
     with pytest.raises(ValueError, match="guidance=2.0 needs conditional=True"):
         ImageBackend(digits, PredV(tiny_unet(), S), guidance=2.0, conditional=False)
-    with pytest.raises(ValueError, match="data='mnist' is not one of"):
+    with pytest.raises(ValueError, match="data='mnist' is not allowed; allowed: one of"):
         ImageBackend("mnist", PredV(tiny_unet(), S))
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots()
@@ -451,6 +451,10 @@ def _load_image_table():
 
 
 def test_image_table_quick_writes_table(tmp_path):
+    """The table end to end with tiny settings: 3 seeds per arm trained as one ensemble, each
+    cell the seeds' mean and 95% t-interval, paired ddil - baseline differences."""
+    from scipy.stats import t as student_t
+
     mod = _load_image_table()
     threads = torch.get_num_threads()
     try:
@@ -460,23 +464,35 @@ def test_image_table_quick_writes_table(tmp_path):
         torch.set_num_threads(threads)
     assert {Path(f).name for f in out["files"]} == {"results.json", "table.md", "samples.png",
                                                     "shift.png"}
-    res = json.loads((tmp_path / "results.json").read_text())["results"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    res, per_seed = saved["results"], saved["per_seed"]
     assert set(res) == {"data (held out)", "teacher 32-step", "teacher DDIM 4-step",
                         "lcm baseline", "lcm ddil"}
+    assert saved["config"]["seeds"] == [0, 1, 2] and len(per_seed["lcm ddil"]) == 3
     for name, row in res.items():
         keys = ("fid", "tv", "diversity") + (("shift_sum",) if "data" not in name else ())
         assert all(math.isfinite(row[k]) for k in keys)
         assert 0.0 <= row["coverage"] <= 1.0
-    assert "| lcm ddil |" in (tmp_path / "table.md").read_text()
+    fids = [r["fid"] for r in per_seed["lcm ddil"]]
+    assert len(set(fids)) == 3  # the seeds differ
+    mu, hw = mod.interval(fids)
+    assert mu == pytest.approx(np.mean(fids))
+    assert hw == pytest.approx(student_t.ppf(0.975, 2) * np.std(fids, ddof=1) / 3 ** 0.5)
+    table = (tmp_path / "table.md").read_text()
+    assert f"| lcm ddil | {mu:.1f} ± {hw:.1f} |" in table
+    assert "| lcm: ddil - baseline |" in table
     with pytest.raises(ValueError, match="methods=\\['gan'\\]"):
         mod.run(str(tmp_path), quick=True, methods=("gan",))
 
 
 def test_notebook_05_runs_under_papermill(tmp_path):
     """The offline image tier end to end (teacher, PD/LCM/DMD2 with and without DDIL,
-    metrics, figures) under papermill with tiny parameters."""
+    metrics, figures) under papermill with tiny parameters; every figure shown once and no
+    stray outputs (ddil_lab.notebook.output_problems)."""
     pm = pytest.importorskip("papermill")
-    params = dict(out_dir=str(tmp_path / "out"), teacher_dir="", teacher_steps=10, tiny_net=True,
+    from ddil_lab.notebook import output_problems
+
+    params = dict(out_dir=str(tmp_path / "out"), teacher_dir="", teacher_steps=10, net="tiny",
                   steps=2, batch_size=8, buffer_size=16, critic_steps=1, n_eval=40,
                   classifier_steps=20, diversity="features")
     pm.execute_notebook(str(ROOT / "notebooks" / "05_image_toy.ipynb"),
@@ -488,3 +504,236 @@ def test_notebook_05_runs_under_papermill(tmp_path):
     for arm in ("pd", "lcm", "dmd2"):
         for kind in ("baseline", "ddil"):
             assert math.isfinite(rec["metrics"][f"table/{arm} {kind}/fid"])
+    executed = json.loads((tmp_path / "out.ipynb").read_text())
+    assert output_problems(executed) == []
+    pngs = [o for c in executed["cells"] for o in c.get("outputs", [])
+            if "image/png" in o.get("data", {})]
+    assert len(pngs) == 3  # teacher, samples, shift: each once
+
+
+# ---- the standard FID: torch-fidelity's network and maths, our Frechet maths as the oracle ----
+class _U8(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def _u8_images(n, seed, shift=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 200, (n, 3, 16, 16), generator=g)
+    return (base + shift).clamp(0, 255).to(torch.uint8)
+
+
+def test_standard_fid_equals_torch_fidelity_and_our_maths():
+    """Our InceptionFeatures(extractor=...) + fid_score on [-1, 1] images == torch-fidelity's own
+    calculate_metrics on the uint8 images (same extractor), and == our Frechet maths on the
+    same features."""
+    import torch_fidelity
+
+    feats = cm.InceptionFeatures(extractor=cm.tiny_fid_extractor("ddil-tiny-test"))
+    a, b = _u8_images(60, 0), _u8_images(50, 1, shift=30)
+    lib = torch_fidelity.calculate_metrics(input1=_U8(a), input2=_U8(b), fid=True,
+                                           feature_extractor="ddil-tiny-test", cuda=False,
+                                           cache=False, verbose=False, save_cpu_ram=True,
+                                           batch_size=16)["frechet_inception_distance"]
+    assert feats.network == "ddil-tiny-test"
+    fa, fb = (cm.extract(feats, x.float() / 127.5 - 1) for x in (a, b))  # [-1, 1] in, uint8 inside
+    assert torch.equal(cm.to_uint8(a.float() / 127.5 - 1), a)  # quantisation is exact
+    assert lib > 0.01
+    assert cm.fid_score(fa, fb) == pytest.approx(lib, rel=1e-6)
+    assert cm.frechet_distance(fa, fb) == pytest.approx(lib, rel=1e-4)  # the oracle
+    sa, sb = cm.fid_stats(fa), cm.fid_stats(fb)
+    assert cm.fid_score(sa, sb) == pytest.approx(lib, rel=1e-6)
+    torch.testing.assert_close(torch.as_tensor(sa["sigma"]), cm.gaussian_stats(fa)[1])
+
+
+def test_reference_stats_cached_as_npz(tmp_path):
+    feats = torch.randn(40, 5, generator=torch.Generator().manual_seed(0)).double()
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return feats
+
+    f = im.pooled_pixels  # any features; its type name is the network key
+    s1 = cm.reference_fid_stats("cifar10-train", 32, 40, f, compute, tmp_path)
+    s2 = cm.reference_fid_stats("cifar10-train", 32, 40, f, lambda: 1 / 0, tmp_path)  # cached
+    assert len(calls) == 1
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["cifar10-train_32px_n40_function.npz"]
+    with np.load(tmp_path / files[0], allow_pickle=False) as z:  # no pickles inside
+        assert set(z.files) == {"mu", "sigma", "meta"}
+        assert json.loads(str(z["meta"]))["n"] == 40
+    np.testing.assert_allclose(s2["mu"], feats.mean(0).numpy())
+    np.testing.assert_allclose(s2["sigma"], s1["sigma"])
+    cm.reference_fid_stats("cifar10-train", 32, 30, f, lambda: feats[:30], tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2  # another count is another file
+    with pytest.raises(ValueError, match="computed 40 feature vectors, expected 20"):
+        cm.reference_fid_stats("cifar10-train", 32, 20, f, lambda: feats, tmp_path)
+    with pytest.raises(ValueError, match="dataset='a/b'"):
+        cm.fid_stats_key("a/b", 32, 5)
+
+
+class _NotATensor:
+    pass
+
+
+def test_standard_inception_loads_local_weights_and_fails_fast_offline(tmp_path, monkeypatch):
+    """The TF-Inception path with weights of the right layout (random here: the real file cannot
+    be downloaded in the tests): offline it names the file and the folder within seconds; a
+    file with anything but tensors is refused before torch-fidelity unpickles it."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(hub, "host_reachable", lambda host, **kw: False)
+    t0 = time.time()
+    with pytest.raises(hub.OfflineError, match="weights-inception-2015-12-05-6726825d.pth into "
+                                               f"{tmp_path / 'torch' / 'hub' / 'checkpoints'}"):
+        cm.InceptionFeatures()
+    assert time.time() - t0 < 5
+    with pytest.raises(FileNotFoundError, match="weights='/nonexistent.pth'"):
+        cm.InceptionFeatures(weights="/nonexistent.pth")
+    # a state dict of the standard layout, random values
+    with monkeypatch.context() as m:
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        sd = fe.FeatureExtractorInceptionV3("x", ["2048"]).state_dict()
+    torch.save(sd, tmp_path / "w.pth")
+    feats = cm.InceptionFeatures(weights=tmp_path / "w.pth")
+    assert feats.network == cm.FID_NETWORK
+    out = feats(torch.rand(2, 1, 16, 16) * 2 - 1)  # grayscale, any size: resized inside
+    assert out.shape == (2, 2048) and torch.isfinite(out).all()
+    torch.save({"w": torch.zeros(1), "obj": _NotATensor()}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not a plain state dict of tensors"):
+        cm.InceptionFeatures(weights=tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="kind='tf' is not one of"):
+        cm.InceptionFeatures("tf")
+
+
+# ---- CIFAR-10 from a pretrained DDPM (google/ddpm-cifar10-32's layout, random weights) ----
+@pytest.fixture(scope="module")
+def ddpm_folder(tmp_path_factory):
+    from ddil_lab.image.pretrained import make_ddpm_folder
+    return make_ddpm_folder(tmp_path_factory.mktemp("ddpm") / "ddpm-cifar10-32")
+
+
+def _rand_cifar(n=8):
+    from ddil_lab.image import ImageData
+    g = torch.Generator().manual_seed(0)
+    return ImageData("cifar10-like", torch.randint(0, 256, (n, 3, 32, 32), generator=g,
+                                                   dtype=torch.uint8),
+                     torch.randint(0, 10, (n,), generator=g), [str(k) for k in range(10)])
+
+
+def test_pretrained_ddpm_folder_loads_as_eps_teacher(ddpm_folder):
+    """A DDPMPipeline folder with the DDPM CIFAR-10 UNet (35.7M parameters) loads through
+    ImageBackend.from_pretrained; its x0 is the eps conversion with the scheduler's own betas."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from ddil_lab.image.backend import num_params
+
+    be = ImageBackend.from_pretrained(ddpm_folder, data=_rand_cifar())
+    assert isinstance(be.teacher, PredEps) and not be.conditional
+    assert num_params(be.teacher) == 35746307  # Ho et al.'s 35.7M
+    assert be.schedule.kind == "linear" and be.shape == (3, 32, 32)
+    pipe = DDPMPipeline.from_pretrained(ddpm_folder)  # diffusers reads the same folder
+    ab = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+    betas = torch.linspace(1e-4, 0.02, 1000)
+    torch.testing.assert_close(ab, torch.cumprod(1 - betas, 0))
+    x_t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 300])
+    with torch.no_grad():
+        eps = pipe.unet(x_t, t).sample
+        got = be.teacher(x_t, t)
+    a = ab[t].sqrt()[:, None, None, None]
+    want = (x_t - (1 - a ** 2).sqrt() * eps) / a
+    assert eps.abs().mean() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_pretrained_hub_id_fails_fast_offline(monkeypatch, tmp_path):
+    from ddil_lab.image.pretrained import make_ddpm_folder
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "host_reachable", lambda host, **kw: False)
+    import huggingface_hub  # noqa: F401  (the import is not what is timed)
+    t0 = time.time()
+    with pytest.raises(hub.OfflineError, match="'google/ddpm-cifar10-32'.*cannot be downloaded"):
+        ImageBackend.from_pretrained("google/ddpm-cifar10-32", data=_rand_cifar())
+    assert time.time() - t0 < 10
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        ImageBackend.from_pretrained("/nonexistent/ddpm", data=_rand_cifar())
+    with pytest.raises(ValueError, match="shape \\(1, 16, 16\\)"):
+        ImageBackend.from_pretrained(make_ddpm_folder(tmp_path / "d", (32, 32, 32, 32), 8),
+                                     data="digits")
+
+
+@pytest.mark.parametrize("method", ["pd", "lcm", "dmd2"])
+def test_one_step_of_each_method_on_the_ddpm_layout(method, tmp_path):
+    """One distillation step of PD, LCM and DMD2, with DDIL's rollouts, on a reduced-width copy
+    of the DDPM CIFAR-10 block layout; the student is exported as a DDPMPipeline folder and
+    reloads to the same outputs."""
+    from ddil_lab.image.pretrained import export_student, load_student, make_ddpm_folder
+    from ddil_lab.train import distill, make_arm
+
+    folder = make_ddpm_folder(tmp_path / "ddpm", channels=(16, 32, 32, 32), norm_groups=8)
+    be = ImageBackend.from_pretrained(folder, data=_rand_cifar())
+    m, sampler = make_arm(method, "ddil", n_steps=4, method_kw={"critic_steps": 1}
+                          if method == "dmd2" else ({"substeps": 2} if method == "pd" else None))
+    res = distill(be, m, sampler, steps=1, batch_size=2, lr=1e-3, progress=False)
+    assert math.isfinite(res.history[-1]["loss/student"])
+    x_t, t = torch.randn(2, 3, 32, 32), torch.tensor([999, 500])
+    with torch.no_grad():
+        assert not torch.allclose(res.student(x_t, t), be.teacher(x_t, t))
+    out = export_student(res.student, tmp_path / "student", 4,
+                         "ddim" if method == "pd" else "consistency", folder)
+    den, info = load_student(out)
+    assert info["timesteps"] == [999, 749, 500, 250]
+    t = torch.tensor([500, 250])  # (at t = 999, x0 = (x_t - sigma eps) / 0.006 magnifies float noise)
+    with torch.no_grad():
+        torch.testing.assert_close(den(x_t, t), res.student(x_t, t), atol=1e-5, rtol=1e-4)
+
+
+def test_backend_checks_its_parameters_up_front(digits):
+    """ImageBackend raises ConfigError naming the parameter, its value and what is allowed before
+    any data is read or teacher trained; check_params (configs) gives the same, as backend.*."""
+    from ddil_lab.image.backend import check_params
+    from ddil_lab.train.settings import ConfigError
+
+    cases = [({"guidance": 0.5}, r"guidance=0.5 is not allowed.*a number >= 1"),
+             ({"guidance": True}, r"guidance=True is not allowed"),
+             ({"teacher_steps": 0}, r"teacher_steps=0 is not allowed.*a positive int"),
+             ({"conditional": "yes"}, r"conditional='yes' is not allowed.*True, False or None"),
+             ({"data": 3}, r"data=3 is not allowed.*or an ImageData"),
+             ({"data": "cifar10"}, r"root=None is not allowed: data='cifar10' needs root"),
+             ({"teacher": 3.0}, r"teacher='float' is not allowed.*wrapped Denoiser"),
+             ({"device": "gpu0"}, r"device='gpu0' is not allowed")]
+    for kw, msg in cases:
+        t0 = time.time()
+        with pytest.raises(ConfigError, match=msg):
+            ImageBackend(**{"data": digits, **kw})
+        with pytest.raises(ConfigError, match="backend." + msg):
+            check_params({"data": "digits", **kw})
+        assert time.time() - t0 < 2  # nothing was trained
+
+
+@pytest.mark.slow
+def test_small_unconditional_digits_teacher_is_usable_after_600_steps(digits):
+    """The laptop recipe of notebook 05 and the image table (SMALL_NET, unconditional, 600 steps
+    at lr 2e-3): 32-step samples within 1.5x of held-out data's classifier-feature FID, plain
+    4-step DDIM clearly worse (room for a student). Measured: 21.1 / 48.8 vs 17.5 (n = 300)."""
+    from ddil_lab.image import SMALL_NET
+
+    teacher = train_teacher(digits, steps=600, net=SMALL_NET, conditional=False, lr=2e-3,
+                            progress=False)
+    ev = im.ImageEvaluator.for_backend(ImageBackend(digits, teacher, conditional=False), 300,
+                                       n=300, diversity="none")
+    rows = ev.reference_rows()
+    data, fine, ddim4 = (rows[k]["fid"] for k in ("data (held out)", "teacher 32-step",
+                                                  "teacher DDIM 4-step"))
+    assert fine < 1.5 * data and ddim4 > 1.5 * fine

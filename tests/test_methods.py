@@ -1,14 +1,16 @@
 """StateSampler, PD, LCM, DMD2 and the train loop on the toy tier: identities first."""
+import os
+
 import pytest
 import torch
 
-from ddil_lab.toy.backend import Toy2dBackend
 from ddil_lab.diffusion import timesteps
 from ddil_lab.methods import DMD2, LCM, PD, ConsistencyFn, make_method
 from ddil_lab.metrics import mmd
-from ddil_lab.toy.metrics import nll
 from ddil_lab.rollout import SOURCES, StateSampler
 from ddil_lab.sampling import DDIMPolicy, sample
+from ddil_lab.toy.backend import Toy2dBackend
+from ddil_lab.toy.metrics import nll
 from ddil_lab.train import distill, progressive
 
 
@@ -186,3 +188,39 @@ def test_progressive_halving_chains_teachers(ring):
     assert res[1].method.teacher is not ring.teacher  # stage two is taught by stage one
     with pytest.raises(ValueError, match="power of two"):
         progressive(ring, start=12, end=4)
+
+
+@pytest.mark.parametrize("method,per_state", [(PD(n_steps=4, substeps=4), 4), (LCM(), 1),
+                                               (DMD2(critic_steps=3), 1)])
+def test_teacher_calls_of_the_targets_are_counted(method, per_state):
+    """``nfe/teacher_target`` counts each method's own teacher calls (PD: substeps DDIM steps
+    per state; LCM: one solver step; DMD2: one real score, the critic not counted), apart
+    from the rollouts' ``nfe/teacher``; a guided (CFG) teacher call counts once per state."""
+    guided = Toy2dBackend("ring8_cond", guidance=2.0, init_steps=100)
+    calls = []
+    inner = guided.teacher.forward
+    guided.teacher.forward = lambda x, t, c=None: (calls.append(len(x)), inner(x, t, c))[1]
+    try:
+        res = distill(guided, method, None, steps=3, batch_size=16, lr=1e-3, progress=False)
+    finally:
+        guided.teacher.forward = inner
+    assert [h["nfe/teacher_target"] for h in res.history] == [16 * per_state * s for s in (1, 2, 3)]
+    assert [h["nfe/teacher"] for h in res.history] == [0, 0, 0]  # forward states: no rollouts
+    assert sum(calls) == 3 * 16 * per_state  # the counter equals the calls the teacher saw
+    rolled = distill(guided, PD(n_steps=4, substeps=2), StateSampler(beta_frwd=0.0,
+                     beta_teacher_bckwrd=1.0), steps=2, batch_size=16, lr=1e-3, progress=False)
+    h = rolled.history[-1]
+    assert h["nfe/teacher_target"] == 2 * 16 * 2 and h["nfe/teacher"] > 0
+
+
+def test_progressive_stages_checkpoint_apart_and_resume(ring, tmp_path):
+    kw = dict(start=8, end=2, steps_per_stage=3, batch_size=16, lr=1e-3, progress=False,
+              out_dir=str(tmp_path), ckpt_every=3)
+    first = progressive(ring, **kw)
+    assert sorted(os.listdir(tmp_path)) == ["stage_2", "stage_4"]
+    again = progressive(ring, **kw, resume=True)  # both stages were finished: loaded
+    assert [r.resumed_from for r in again] == [str(tmp_path / f"stage_{n}" / "step_0000003")
+                                               for n in (4, 2)]
+    for a, b in zip(first, again):
+        for (k, v), w in zip(a.student.state_dict().items(), b.student.state_dict().values()):
+            assert torch.equal(v, w), k

@@ -176,6 +176,20 @@ def test_notebook_runs_headless_and_records(executed, name):
         nb = json.load(f)
     pngs = sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
     assert pngs >= len(FIGURES[name]), f"only {pngs} figures shown in the executed notebook"
+    from ddil_lab.notebook import output_problems
+    assert output_problems(nb) == [], f"{name}: {output_problems(nb)}"
+    # progress bars are tqdm.auto widgets (FloatProgress models in the saved widget state),
+    # not tqdm's plain-text fallback in a stream
+    state = nb["metadata"].get("widgets", {}).get(
+        "application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    bars = [m for m in state.values() if m.get("model_name") == "FloatProgressModel"]
+    assert bars, f"{name}: no widget progress bar in the executed notebook"
+    text_bars = [o["text"][:80] for c in nb["cells"] for o in c.get("outputs", [])
+                 if o.get("output_type") == "stream" and "it/s]" in "".join(o.get("text", ""))]
+    assert not text_bars, f"{name}: text progress bars {text_bars}"
+    md = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert "What you will see" in md and "What to read" in md, \
+        f"{name}: opens with what you will see, ends with what to read / what to try"
 
 
 # ---------------------------------------------------------------- the library behind them
@@ -201,9 +215,9 @@ def test_teacher_reaches_the_same_modes_from_every_step(ring):
 
 
 def test_snapshots_watch_without_disturbing_training(ring):
-    from ddil_lab.toy.lessons import sources
     from ddil_lab.methods import PD
     from ddil_lab.rollout import SOURCES, StateSampler
+    from ddil_lab.toy.lessons import sources
     from ddil_lab.train import distill
 
     def run(callbacks):
@@ -225,8 +239,17 @@ def test_snapshots_watch_without_disturbing_training(ring):
     assert set(only_student.t.tolist()) == set(watched.method.grid.tolist())
 
 
-def test_explorer_draws_static_then_redraws_on_change():
+def _png_size(png: bytes) -> tuple[int, int]:
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def test_explorer_redraws_one_figure_in_place():
+    """Moving a control replaces the one figure in the same Output (no second figure, same
+    pixel size), and the displayed bundle carries the starting figure once as a fallback."""
     pytest.importorskip("ipywidgets")
+    import base64
+
     from matplotlib.figure import Figure
 
     from ddil_lab import notebook
@@ -234,15 +257,119 @@ def test_explorer_draws_static_then_redraws_on_change():
 
     def draw(a, b, c=0):
         calls.append((a, b, c))
-        fig = Figure()
-        fig.subplots().plot([0, 1], [a, a])
+        fig = Figure(figsize=(3, 2))
+        ax = fig.subplots()
+        ax.plot([0, 1], [a, a])
+        ax.set_title("a long title that a tight bounding box would crop differently" if b else "x")
         return fig
     ex = notebook.Explorer(draw, {"a": (0.0, 1.0, 0.1), "b": bool}, {"a": 0.5, "b": True}, c=3)
     assert isinstance(ex.static(), Figure) and calls == [(0.5, True, 3)]
-    box = ex.show()
+    start = ex.render(ex.static())
+    box = ex.show(png=start, display=False)
     assert box is not None and ex.show(enabled=False) is None
+    controls, output = box.children
+    assert output is ex.output and len(controls.children) == 2
+    bundle = ex.mimebundle(start)
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == box.model_id
+    assert base64.b64decode(bundle["image/png"]) == start
+
+    def shown():
+        assert len(ex.output.outputs) == 1, "the output must hold exactly one figure"
+        return base64.b64decode(ex.output.outputs[0]["data"]["image/png"])
+    assert shown() == start
     ex.widgets["a"].value = 0.2
-    assert ex.redraws == 1 and calls[-1] == (0.2, True, 3)
+    first = shown()
+    assert ex.redraws == 1 and calls[-1] == (0.2, True, 3) and first != start
+    ex.widgets["b"].value = False  # another title: a tight bbox would change the size
+    second = shown()
+    assert ex.redraws == 2 and second != first
+    assert _png_size(start) == _png_size(first) == _png_size(second) == (270, 180)
+
+
+def test_explore_shows_each_figure_once(tmp_path, monkeypatch):
+    """``explore`` saves the static figure and displays it once: inside the widget bundle when
+    widgets are on, as a plain PNG when off; it returns nothing for a cell to echo."""
+    pytest.importorskip("ipywidgets")
+    from matplotlib.figure import Figure
+
+    from ddil_lab import notebook
+    shown = []
+    monkeypatch.setattr(notebook, "_in_ipython", lambda: True)
+    monkeypatch.setattr("IPython.display.display",
+                        lambda obj, raw=False: shown.append(obj if raw else obj.data))
+
+    def draw(a):
+        fig = Figure(figsize=(2, 2))
+        fig.subplots().plot([0, 1], [a, a])
+        return fig
+    rec = notebook.Recorder(str(tmp_path))
+    for widgets in (True, False):
+        assert notebook.explore(draw, {"a": (0.0, 1.0)}, {"a": 0.5}, rec, f"w{widgets}",
+                                widgets) is None
+    on, off = shown
+    assert set(on) >= {"image/png", "application/vnd.jupyter.widget-view+json"}
+    assert isinstance(off, bytes)
+    with open(rec.paths["wFalse"], "rb") as f:
+        assert f.read() == off
+
+
+@pytest.mark.slow
+def test_explore_redraws_in_place_through_a_kernel():
+    """End to end at the protocol level, as JupyterLab sees it: a kernel shows an ``explore``
+    figure; the frontend moves the slider (a widget ``comm_msg``); the kernel answers with
+    updates of the one ``Output`` widget, each holding one figure of the same size, and no
+    new cell output."""
+    import base64
+    import queue
+    import time
+    jupyter_client = pytest.importorskip("jupyter_client")
+    pytest.importorskip("ipywidgets")
+    km, kc = jupyter_client.manager.start_new_kernel(kernel_name="python3")
+    log = []
+
+    def pump(seconds):
+        end = time.time() + seconds
+        while time.time() < end:
+            try:
+                log.append(kc.get_iopub_msg(timeout=0.05))
+            except queue.Empty:
+                pass
+    try:
+        mid = kc.execute(
+            "from matplotlib.figure import Figure\nfrom ddil_lab import notebook as nb\n"
+            "def draw(a):\n    fig = Figure(figsize=(3, 2))\n    ax = fig.subplots()\n"
+            "    ax.plot([0, 1], [0, a])\n    ax.set_title(f'a = {a:.2f}')\n    return fig\n"
+            "nb.explore(draw, {'a': (0.0, 1.0, 0.1)}, {'a': 0.5})")
+        assert kc.get_shell_msg(timeout=120)["content"]["status"] == "ok"
+        while not any(m["msg_type"] == "status" and m["parent_header"].get("msg_id") == mid
+                      and m["content"]["execution_state"] == "idle" for m in log):
+            pump(0.2)
+        shown = [m for m in log if m["msg_type"] in ("display_data", "execute_result")]
+        assert len(shown) == 1 and {"image/png", "application/vnd.jupyter.widget-view+json"} \
+            <= set(shown[0]["content"]["data"])
+        opens = {m["content"]["comm_id"]: m["content"]["data"]["state"] for m in log
+                 if m["msg_type"] == "comm_open"}
+        slider = next(k for k, st in opens.items() if st["_model_name"] == "FloatSliderModel")
+        output = next(k for k, st in opens.items() if st["_model_name"] == "OutputModel")
+        figures = [opens[output]["outputs"]]
+        n0 = len(log)
+        for v in (0.2, 0.9):
+            kc.shell_channel.send(kc.session.msg("comm_msg", {"comm_id": slider, "data": {
+                "method": "update", "state": {"value": v}, "buffer_paths": []}}))
+        end = time.time() + 60
+        while time.time() < end and len(figures) < 3:
+            pump(0.2)
+            figures = [opens[output]["outputs"]] + [
+                m["content"]["data"]["state"]["outputs"] for m in log[n0:]
+                if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == output
+                and "outputs" in m["content"]["data"].get("state", {})]
+        assert not [m for m in log[n0:] if m["msg_type"] in ("display_data", "execute_result")]
+        assert [len(f) for f in figures] == [1, 1, 1]
+        pngs = [base64.b64decode(f[0]["data"]["image/png"]) for f in figures]
+        assert len(set(pngs)) == 3 and {_png_size(p) for p in pngs} == {(270, 180)}
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
 
 
 def test_recorder_and_verdict(tmp_path):
@@ -264,6 +391,8 @@ def test_recorder_and_verdict(tmp_path):
     assert "no difference" in notebook.verdict(rows, "x", "z", "m")
     assert "one seed" in notebook.verdict(rows, "one", "x", "m")
     assert "| x | 1 ± 0.1 |" in notebook.markdown_table({"x": {"m": [1.0, 1.1, 0.9]}}, ["m"])
+    assert "| t | – | 2 |" in notebook.markdown_table({"t": {"m": [float("nan")], "n": 2}},
+                                                      ["m", "n"])
 
 
 def test_output_problems_finds_repeated_images_and_stray_values():
@@ -275,3 +404,29 @@ def test_output_problems_finds_repeated_images_and_stray_values():
     assert output_problems(nb) == ["cell 1 shows the same image as cell 0",
                                    "cell 2 echoes a stray value: 'runs/x/metrics.json'"]
     assert output_problems({"cells": [{"outputs": [img, fine]}]}) == []
+    obj = {"output_type": "execute_result",
+           "data": {"text/plain": "<ddil_lab.notebook.Explorer object at 0x7f>"}}
+    png = {"output_type": "execute_result", "data": {"text/plain": "b'\\x89PNG'"}}
+    assert output_problems({"cells": [{"outputs": [obj]}, {"outputs": [png]}]}) == [
+        "cell 0 echoes a stray value: <ddil_lab.notebook.Explorer object at 0x7f>",
+        "cell 1 echoes a stray value: b'\\x89PNG'"]
+
+
+def test_compact_toy_table_and_verdicts():
+    from ddil_lab.toy.lessons import sources
+    rows = [{"setting": "s", "method": "pd", "arm": a, "seed": k, "nll": v, "mmd_x1e3": 10 * v,
+             "off_mode": 0.01 * v} for a, vs in (("baseline", (1.0, 1.2)), ("ddil", (0.5, 0.6)))
+            for k, v in enumerate(vs)]
+    rows.append({"setting": "other", "method": "pd", "arm": "baseline", "seed": 0, "nll": 9.0,
+                 "mmd_x1e3": 9.0, "off_mode": 0.0})
+    rows.append({"setting": "s", "method": "teacher", "arm": "teacher 32-step (2nd draw)",
+                 "seed": "", "nll": 0.1, "mmd_x1e3": -0.5, "off_mode": 0.0})
+    t = sources.compact_table(rows, "s")
+    assert t.pop("teacher 32-step (2nd draw)") == {"NLL (nats)": [0.1], "MMD² x1e3": [-0.5],
+                                                   "off-mode %": [0.0]}
+    assert t == {"pd baseline": {"NLL (nats)": [1.0, 1.2], "MMD² x1e3": [10.0, 12.0],
+                                 "off-mode %": [1.0, 1.2]},
+                 "pd ddil": {"NLL (nats)": [0.5, 0.6], "MMD² x1e3": [5.0, 6.0],
+                             "off-mode %": [0.5, 0.6]}}
+    (line,) = sources.table_verdicts(rows, "s")
+    assert line.startswith("mmd_x1e3: pd baseline 11 -> pd ddil 5.5, better")

@@ -231,7 +231,7 @@ def test_mixed_precision_and_gradient_checkpointing(tiny, tmp_path):
 
     be = SDBackend(tiny["sd15"], prompts=PROMPTS, guidance=3.0, mixed_precision="bf16",
                    gradient_checkpointing=True)
-    assert be.pipe.unet.dtype == torch.bfloat16 and be.init_unet.dtype == torch.float32
+    assert be.pipe.unet.dtype == torch.bfloat16 and be.fp32_unet().dtype == torch.float32
     st = be.make_student()
     assert unet_of(st).dtype == torch.float32 and unet_of(st).is_gradient_checkpointing
     g = torch.Generator().manual_seed(0)
@@ -388,3 +388,94 @@ def test_metric_weights_fail_fast_offline():
     with pytest.raises((ImportError, OfflineError), match="(?i)hps"):
         t2i.hps_score(torch.rand(1, 3, 8, 8), ["a"])
     assert time.time() - t0 < 20
+
+
+# ---- what a new user meets (issue 15): shapes, paths, pickles, negative prompts, grids ----
+def _ddim_pipe(folder_or_pipe):
+    from diffusers import DDIMScheduler
+
+    pipe = load_pipeline(folder_or_pipe)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True,
+                                               timestep_spacing="trailing", clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_non_square_unet_and_negative_prompt_match_the_pipeline(tiny, kind):
+    """A UNet whose sample_size is a pair trains at its own (H, W): the latent shape and SDXL's
+    time ids follow it; and a negative prompt is the teacher's unconditional branch. Oracle:
+    pipe(prompt, negative_prompt=..., height=H, width=W) with DDIM."""
+    pipe = _ddim_pipe(tiny[kind])
+    pipe.unet.register_to_config(sample_size=[8, 12])
+    be = SDBackend(pipe, prompts=PROMPTS, guidance=5.0, negative_prompt="blurry, dark")
+    assert be.shape == (4, 8, 12) and be.size == (16, 24) and be.resolution == (16, 24)
+    if kind == "sdxl":
+        assert be.encode_prompts(["a"])["time_ids"].tolist() == [[16, 24, 0, 0, 16, 24]]
+    ref = pipe(PROMPTS[:2], negative_prompt=["blurry, dark"] * 2, num_inference_steps=4,
+               guidance_scale=5.0, height=16, width=24, output_type="latent",
+               generator=torch.Generator().manual_seed(3)).images
+    x_T = be.sample_noise(2, torch.Generator().manual_seed(3))
+    ours = sample(be.teacher, x_T, [999, 749, 499, 249], be.encode_prompts(PROMPTS[:2]),
+                  schedule=be.schedule)
+    assert ours.sample.shape == ref.shape and _max_err(ours.sample, ref) < 1e-4
+    with pytest.warns(UserWarning, match=r"resolution=16 trains square 16x16 .* 16x24"):
+        assert SDBackend(pipe, prompts=PROMPTS, resolution=16).shape == (4, 8, 8)
+    with pytest.raises(ValueError, match=r"resolution=\(16, 21\) .* multiples of the VAE"):
+        SDBackend(pipe, prompts=PROMPTS, resolution=(16, 21))
+
+
+def test_loading_names_what_is_missing_and_refuses_pickles(tiny, tmp_path):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    with pytest.raises(FileNotFoundError, match=r"the folder does not exist"):
+        load_pipeline(str(tmp_path / "models" / "sd-typo"))
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        load_pipeline(str(tmp_path))
+    no_unet = shutil.copytree(tiny["sd15"], tmp_path / "no_unet")
+    shutil.rmtree(no_unet / "unet")
+    with pytest.raises(FileNotFoundError, match=r"component 'unet' .* has no unet/"):
+        load_pipeline(no_unet)
+    (no_unet / "unet").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"component 'unet' .* has no weights"):
+        SDBackend(no_unet, prompts=PROMPTS)
+    UNet2DConditionModel.from_pretrained(tiny["sd15"], subfolder="unet").save_pretrained(
+        no_unet / "unet", safe_serialization=False)  # a pickled .bin only
+    with pytest.raises(ValueError, match=r"'unet' holds only pickled weights .* allow_pickle"):
+        load_pipeline(no_unet)
+    assert SDBackend(no_unet, prompts=PROMPTS, allow_pickle=True).shape == (4, 8, 8)
+
+
+def test_schedule_honours_zero_betas():
+    """beta_start=0.0 is a value, not 'use the default' (it used to become 0.00085 and then fail
+    with "does not reproduce alphas_cumprod")."""
+    from diffusers import DDIMScheduler
+
+    sch = DDIMScheduler(beta_start=0.0, beta_end=0.02, beta_schedule="linear")
+    S = schedule_from_scheduler(sch)
+    assert S.beta_start == 0.0
+    torch.testing.assert_close(S.alpha_bar[:-1], sch.alphas_cumprod, atol=1e-6, rtol=0)
+
+
+def test_exported_consistency_student_refuses_another_grid(tiny, tmp_path):
+    """pipe(prompt, num_inference_steps=n) of an LCM / DMD2 export would walk LCM's grid (999,
+    499), not the student's (999, 500): diffusers refuses it; timesteps= from the info works."""
+    from diffusers import DiffusionPipeline
+
+    from ddil_lab.methods.lcm import ConsistencyFn
+    from ddil_lab.sd.export import export_pipeline, pipeline_kwargs
+
+    be = SDBackend(tiny["sd15"], prompts=PROMPTS, guidance=3.0, negative_prompt="ugly")
+    out = export_pipeline(be, ConsistencyFn(be.make_student()), tmp_path / "lcm", n_steps=2)
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    # diffusers: "The combination of `original_steps x strength`: 1 x 1.0 is smaller than ..."
+    with pytest.raises(ValueError, match="original_steps"):
+        pipe(PROMPTS[0], num_inference_steps=2, guidance_scale=1.0, output_type="latent")
+    kw = pipeline_kwargs(out)
+    assert kw["timesteps"] == [999, 500]
+    assert pipe(PROMPTS[0], output_type="latent", **kw).images.shape == (1, *be.shape)
+    info = json.loads((tmp_path / "lcm" / "ddil_student.json").read_text())
+    assert info["teacher_negative_prompt"] == "ugly"

@@ -135,7 +135,14 @@ def test_demo_tiny(tmp_path):
     assert {"table.md", "samples_demo.png", "steps_demo.png"} <= set(os.listdir(tmp_path))
     arms = [r for r in res.rows if r["method"] == "pd"]
     assert {r["arm"] for r in arms} == {"baseline", "ddil"}
-    _finite(arms, ["nll", "mmd_x1e3"] + [f"train_gap_t{t}" for t in res.ref.grid])
+    _finite(arms, ["nll", "mmd_x1e3", "off_mode_class"]
+            + [f"train_gap_t{t}" for t in res.ref.grid])
+    # the regime it shows is the regime map's cell (docs/results.md): 12 narrow modes in 3
+    # classes under w = 6, randomly initialised width-32 students, balanced evaluation labels
+    be = res.backend
+    assert (be.gmm.name, be.gmm.K, be.gmm.num_classes, be.guidance) == ("ring12_cond3", 12, 3, 6.0)
+    assert (be.student_init, be.hidden) == ("random", 32)
+    assert torch.bincount(res.ref.cond).tolist() == [100, 100, 100]
 
 
 def test_bench_tiny(capsys):

@@ -4,9 +4,10 @@ LPIPS diversity and precision/recall come from ``ddil_lab.metrics``).
 
 - FID (Heusel et al. 2017): the Frechet distance between Gaussians fitted to features,
       FD = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2).
-  Features come from Inception-v3 (``inception_features``; downloaded weights, fail fast
-  offline) or from the small classifier trained here on the offline digits
-  (``train_classifier``; its penultimate layer).
+  Features come from the standard TF-Inception (``InceptionFeatures()``, torch-fidelity, whose
+  Frechet maths is then used: numbers comparable with published ones; downloaded weights, fail
+  fast offline) or from the small classifier trained here on the offline digits
+  (``train_classifier``; its penultimate layer, with our own ``frechet_distance``).
 - Mode coverage: the class histogram of samples under a classifier, the fraction of classes
   present, and the total variation to the data's class weights.
 - LPIPS diversity (DDIL paper, Sec. 5): pairwise LPIPS among samples of the same conditioning,
@@ -24,11 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..metrics import (InceptionFeatures, extract, frechet_distance, lpips_input, module_device,
-                       lpips_model,
-                       pairwise_diversity, precision_recall)
-
-
+from ..metrics import (InceptionFeatures, extract, fid_score, frechet_distance, lpips_input,
+                       lpips_model, module_device, pairwise_diversity, precision_recall)
 
 
 class Classifier(nn.Module):
@@ -156,12 +154,18 @@ def covariate_shift_per_step(traj, x0_ref: torch.Tensor, schedule, features=pool
     return out
 
 
+def fid_fn(features):
+    """The FID maths that goes with a feature network: torch-fidelity's for the standard
+    Inception (``fid_score``), our own ``frechet_distance`` for any other features."""
+    return fid_score if isinstance(features, InceptionFeatures) else frechet_distance
+
+
 def image_metrics(x: torch.Tensor, ref_feats: torch.Tensor, features, classifier=None,
                   class_weights=None, pr_k: int | None = 3) -> dict:
     """FID (to ``ref_feats`` of the data), precision/recall, and mode coverage / TV when a
     ``classifier`` and ``class_weights`` are given."""
     f = extract(features, x)
-    m = {"fid": frechet_distance(f, ref_feats)}
+    m = {"fid": fid_fn(features)(f, ref_feats)}
     if pr_k:
         m.update(precision_recall(ref_feats, f, k=pr_k))
     if classifier is not None and class_weights is not None:
@@ -185,7 +189,10 @@ class ImageEvaluator:
     (pairwise among ``div_per_group`` samples of each of ``div_groups`` conditionings) and,
     at every student timestep t, the covariate shift ``shift_t{t}``: the Frechet distance in
     pooled pixels between the sampler's states and forward-diffused data at t
-    (``shift_floor_t{t}``: the same between two forward sets, the estimate's noise floor).
+    (``shift_floor_t{t}``: the mean of the same estimate with forward-diffused data in place of
+    the sampler's states, over ``floor_draws`` draws, its noise floor; ``shift_floor_sd``: their
+    spread). ``shift_sum`` adds up shift minus floor over the steps; ``shift_sum_sd`` is its
+    chance spread (a sum within about 2 of it is no measurable shift).
 
     :param diversity: "lpips" (needs AlexNet weights), "features" (Euclidean distance of
         ``features``: offline), "auto" (LPIPS when its weights are cached or downloadable, else
@@ -194,7 +201,8 @@ class ImageEvaluator:
 
     def __init__(self, backend, features, classifier=None, n: int = 500, n_steps: int = 4,
                  n_ref: int = 10000, div_groups: int = 10, div_per_group: int = 10,
-                 diversity: str = "auto", lpips_net: nn.Module | None = None, seed: int = 1234):
+                 diversity: str = "auto", lpips_net: nn.Module | None = None, seed: int = 1234,
+                 floor_draws: int = 4):
         from ..diffusion import timesteps
 
         if diversity not in DIVERSITY:
@@ -217,16 +225,27 @@ class ImageEvaluator:
         self.div_shape = (div_groups, div_per_group)
         self.diversity_kind, self._distance = _diversity_distance(diversity, features, lpips_net,
                                                                   backend.device)
-        # the noise floor of the per-step shift: two independent forward sets
-        m = min(n, len(self.x0_ref) // 2)
-        a, b = self.x0_ref[:m], self.x0_ref[-m:]
-        self.shift_floor = {t: frechet_distance(
-            pooled_pixels(S.q_sample(a, t, torch.randn(a.shape, generator=g))),
-            pooled_pixels(S.q_sample(b, t, torch.randn(b.shape, generator=g))))
-            for t in self.grid}
+        # the noise floor of the per-step shift: the same estimator (n states against the same
+        # reference states) with forward-diffused data in place of a policy's states, drawn
+        # floor_draws times: its mean and spread say how far from q_t a policy may sit by chance
+        g0 = torch.Generator().manual_seed(0)  # the reference noise of every evaluate() call
+        refs = {t: S.q_sample(self.x0_ref[:n].float(), t, torch.randn(self.x0_ref[:n].shape,
+                                                                        generator=g0))
+                for t in self.grid}
+        pool = self.x0_ref[n:] if len(self.x0_ref) >= 2 * n else self.x0_ref
+        draws = {t: [] for t in self.grid}
+        for _ in range(floor_draws):
+            x0 = pool[torch.randperm(len(pool), generator=g)[:n]]
+            for t in self.grid:
+                x_t = S.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+                draws[t].append(frechet_distance(pooled_pixels(x_t), pooled_pixels(refs[t])))
+        self._shift_refs = refs
+        self.shift_floor = {t: sum(v) / len(v) for t, v in draws.items()}
+        self.shift_floor_sd = {t: float(torch.tensor(v).std()) if len(v) > 1 else 0.0
+                               for t, v in draws.items()}
 
     @classmethod
-    def for_backend(cls, backend, classifier_steps: int = 600, inception: str = "auto", **kw):
+    def for_backend(cls, backend, classifier_steps: int = 600, inception: str = "standard", **kw):
         """The evaluator of the offline digits (a classifier trained here gives the FID
         features and the class histogram) or of other data (``InceptionFeatures(inception)``,
         downloaded weights, no classifier). ``kw`` go to ``ImageEvaluator``."""
@@ -282,13 +301,13 @@ class ImageEvaluator:
             d = sampler.sample(self.div_x_T, self.div_cond).sample.float().cpu().clamp(-1, 1)
             groups = d.reshape(*self.div_shape, *d.shape[1:])
             out["diversity"] = pairwise_diversity(groups, self._distance)
-        g = torch.Generator().manual_seed(0)  # the same forward noise for every sampler
-        shift = covariate_shift_per_step(traj, self.x0_ref[:len(x)], self.backend.schedule,
-                                         generator=g)
-        for t in self.grid:
-            out[f"shift_t{t}"] = shift[t]
+        for t, x_t in zip(traj.grid, traj.xs):  # against the same reference states as the floor
+            t = int(t)
+            out[f"shift_t{t}"] = frechet_distance(pooled_pixels(x_t.float().cpu()),
+                                                  pooled_pixels(self._shift_refs[t]))
             out[f"shift_floor_t{t}"] = self.shift_floor[t]
-        out["shift_sum"] = sum(shift[t] - self.shift_floor[t] for t in self.grid)
+        out["shift_sum"] = sum(out[f"shift_t{t}"] - self.shift_floor[t] for t in self.grid)
+        out["shift_sum_sd"] = sum(self.shift_floor_sd[t] ** 2 for t in self.grid) ** 0.5
         if with_samples:
             out["samples"], out["traj"] = x, traj
         return out

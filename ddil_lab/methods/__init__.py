@@ -4,6 +4,7 @@ A Method never decides where states come from (that is the StateSampler's job); 
 of states into losses, and tells the sampler through ``spec()`` where it trains and how the
 student moves at inference.
 """
+from ..validation import check_choice
 from .base import Method
 from .dmd2 import DMD2
 from .lcm import LCM, ConsistencyFn
@@ -13,8 +14,7 @@ METHODS = {"pd": PD, "lcm": LCM, "dmd2": DMD2}
 
 
 def make_method(name: str, **kw) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"method={name!r} is not one of {tuple(METHODS)}")
+    check_choice("method", name, tuple(METHODS))
     return METHODS[name](**kw)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from ..diffusion import NO_THRESHOLD, timesteps
 from ..rollout import States, StateSpec
 from ..sampling import DDIMPolicy, Trajectory, sample
+from ..validation import check_bool, check_int, fail
 
 
 class Method:
@@ -18,14 +19,20 @@ class Method:
     :param n_steps: the student's number of inference steps (grid ``timesteps(n_steps)``).
     :param reflected: threshold x0 estimates to the backend's data support where the paper does
         ("reflected diffusion distillation"); off by default.
+
+    ``nfe["teacher_target"]`` counts the teacher evaluations the method's own targets cost
+    (PD's substeps, LCM's solver step, DMD2's real score), separately from the rollouts the
+    StateSampler pays for (its ``nfe["teacher"]``). Convention, the sampler's too: one call of
+    the teacher Denoiser on a batch of B states counts B, whatever the Denoiser runs inside
+    (a guided ``CFG`` teacher counts once per state, although it runs its network twice).
     """
 
     name = "method"
 
     def __init__(self, n_steps: int = 4, reflected: bool = False):
-        if not isinstance(n_steps, int) or n_steps < 1:
-            raise ValueError(f"n_steps={n_steps!r} must be a positive int")
-        self.n_steps, self.reflected = n_steps, bool(reflected)
+        check_int("n_steps", n_steps, 1)
+        check_bool("reflected", reflected)
+        self.n_steps, self.reflected = n_steps, reflected
 
     # ---- building ----
     def setup(self, backend) -> None:
@@ -33,10 +40,18 @@ class Method:
         self.backend = backend
         self.schedule = backend.schedule
         self.T = backend.schedule.T
+        if self.n_steps > self.T:
+            fail("n_steps", self.n_steps, f"an int in [1, T={self.T}] (the teacher's steps)")
         self.grid = timesteps(self.n_steps, self.T)
         self.th = backend.support if (self.reflected and backend.support) else NO_THRESHOLD
         self.teacher = backend.teacher
         self.student = backend.make_student()
+        self.nfe = {"teacher_target": 0}
+
+    def counted_teacher_x0(self, x_t, t, cond=None):
+        """``teacher_x0`` for the method's own targets, counted in ``nfe["teacher_target"]``."""
+        self.nfe["teacher_target"] += x_t.shape[0]
+        return self.teacher_x0(x_t, t, cond)
 
     def trainable(self) -> dict[str, nn.Module]:
         """Modules to optimise, by optimizer group (each group gets its own optimizer)."""

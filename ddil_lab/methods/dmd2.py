@@ -22,6 +22,7 @@ from torch import nn
 
 from ..diffusion import _bcast
 from ..sampling import ConsistencyPolicy
+from ..validation import check_int, check_number, fail, is_number
 from .base import Method, per_sample_mean
 
 
@@ -32,7 +33,11 @@ class DMD2(Method):
     :param gan_critic_weight: weight of the GAN classification loss of the critic head.
     :param norm_floor: lower bound of the normaliser mean|x - x0_real|. With reflection the
         generator's x and the teacher's x0 can meet on a corner of the support; the
-        normaliser then collapses and |g| explodes (seen on the toy tier: losses near 1e13)."""
+        normaliser then collapses and |g| explodes (seen on the toy tier: losses near 1e13).
+
+    Teacher cost: one (guided) real-score call per generator sample and step, so
+    ``nfe["teacher_target"]`` grows by the batch size per training step (the fake critic is
+    not the teacher and is not counted)."""
 
     name = "dmd2"
 
@@ -40,27 +45,31 @@ class DMD2(Method):
                  tau_range: tuple = (0.02, 0.98), gan_weight: float = 0.0,
                  gan_critic_weight: float = 1.0, norm_floor: float = 1e-2):
         super().__init__(n_steps, reflected)
-        if not isinstance(critic_steps, int) or critic_steps < 1:
-            raise ValueError(f"critic_steps={critic_steps!r} must be a positive int")
-        lo, hi = tau_range
-        if not 0.0 <= lo < hi <= 1.0:
-            raise ValueError(f"tau_range={tau_range} must satisfy 0 <= lo < hi <= 1")
-        if gan_weight < 0:
-            raise ValueError(f"gan_weight={gan_weight} must be >= 0")
+        check_int("critic_steps", critic_steps, 1)
+        if not (isinstance(tau_range, (tuple, list)) and len(tau_range) == 2
+                and all(is_number(v) for v in tau_range)
+                and 0.0 <= tau_range[0] < tau_range[1] <= 1.0):
+            fail("tau_range", tau_range, "two numbers lo, hi with 0 <= lo < hi <= 1 "
+                 "(fractions of T)")
+        check_number("gan_weight", gan_weight, 0.0)
+        check_number("gan_critic_weight", gan_critic_weight, 0.0)
+        check_number("norm_floor", norm_floor, 0.0, lo_open=True)
         self.critic_steps, self.tau_range = critic_steps, tuple(tau_range)
-        if not norm_floor > 0:
-            raise ValueError(f"norm_floor={norm_floor} must be > 0")
         self.gan_weight, self.gan_critic_weight = gan_weight, gan_critic_weight
         self.norm_floor = norm_floor
 
     def setup(self, backend):
+        T = backend.schedule.T
+        if int(T * self.tau_range[1]) <= int(T * self.tau_range[0]):
+            fail("tau_range", self.tau_range, f"a range that holds a timestep of T={T}")
         super().setup(backend)
         self.critic = backend.make_critic()
         self.gan_head = None
         if self.gan_weight > 0:
             feats = getattr(getattr(self.critic, "net", None), "features", None)
             if feats is None:
-                raise ValueError("gan_weight > 0 needs a critic whose network has .features(x, t, cond)")
+                fail("gan_weight", self.gan_weight, "0 for this backend",
+                     "a GAN head needs a critic whose network has .features(x, t, cond)")
             with torch.no_grad():  # one probe batch gives the feature width
                 x, c = backend.sample_noise(2), backend.sample_cond(2)
                 t = torch.full((2,), self.T // 2, device=x.device)
@@ -111,7 +120,7 @@ class DMD2(Method):
         with torch.no_grad():
             tau = self._tau(len(x), x.device)
             x_tau = self.schedule.q_sample(x, tau, torch.randn_like(x))
-            x0_real = self.teacher_x0(x_tau, tau, cond)
+            x0_real = self.counted_teacher_x0(x_tau, tau, cond)
             x0_fake = self.th(self.critic(x_tau, tau, cond))
             norm = per_sample_mean((x - x0_real).abs()).clamp_min(self.norm_floor)
             return (x0_fake - x0_real) / _bcast(norm, x), x_tau, tau

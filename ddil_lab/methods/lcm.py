@@ -24,6 +24,7 @@ from torch import nn
 
 from ..diffusion import NO_THRESHOLD, _bcast, timesteps
 from ..sampling import ConsistencyPolicy
+from ..validation import check_choice, check_int, check_number, fail, is_int
 from .base import Method, per_sample_mean
 
 
@@ -54,7 +55,10 @@ class LCM(Method):
     :param skip: k, solver-grid points per consistency step (t' = t - k T/N).
     :param ema_decay: decay of the target network (0.95 as in LCM).
     :param loss: "huber" (c = ``huber_c``) or "l2".
-    :param ddil_steps: inference step counts of the student rollouts used by LCM+DDIL."""
+    :param ddil_steps: inference step counts of the student rollouts used by LCM+DDIL.
+
+    Teacher cost of the target: one (guided) teacher DDIM step per state, so
+    ``nfe["teacher_target"]`` grows by the batch size per training step."""
 
     name = "lcm"
 
@@ -63,17 +67,27 @@ class LCM(Method):
                  huber_c: float = 1e-3, sigma_data: float = 0.5, timestep_scaling: float = 10.0,
                  ddil_steps: tuple = (3, 4, 5)):
         super().__init__(n_steps, reflected)
-        if loss not in ("huber", "l2"):
-            raise ValueError(f"loss={loss!r} is not one of ('huber', 'l2')")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay={ema_decay} must be in [0, 1)")
-        if not isinstance(skip, int) or not 1 <= skip < solver_steps:
-            raise ValueError(f"skip={skip!r} must be an int in [1, solver_steps={solver_steps})")
+        check_int("solver_steps", solver_steps, 2)
+        check_int("skip", skip, 1, solver_steps - 1)
+        check_number("ema_decay", ema_decay, 0.0, 1.0, hi_open=True)
+        check_choice("loss", loss, ("huber", "l2"))
+        check_number("huber_c", huber_c, 0.0, lo_open=True)
+        check_number("sigma_data", sigma_data, 0.0, lo_open=True)
+        check_number("timestep_scaling", timestep_scaling, 0.0, lo_open=True)
+        if not (isinstance(ddil_steps, (tuple, list)) and ddil_steps
+                and all(is_int(n) and n >= 1 for n in ddil_steps)):
+            fail("ddil_steps", ddil_steps, "a non-empty list of ints >= 1 (student step counts)")
         self.solver_steps, self.skip, self.ema_decay = solver_steps, skip, ema_decay
         self.loss_kind, self.huber_c = loss, huber_c
         self.sigma_data, self.timestep_scaling, self.ddil_steps = sigma_data, timestep_scaling, tuple(ddil_steps)
 
     def setup(self, backend):
+        T = backend.schedule.T
+        if self.solver_steps > T:
+            fail("solver_steps", self.solver_steps, f"an int in [2, T={T}]")
+        for n in self.ddil_steps:
+            if n > T:
+                fail("ddil_steps", list(self.ddil_steps), f"ints in [1, T={T}]")
         super().setup(backend)
         self.student = ConsistencyFn(self.student, self.sigma_data, self.timestep_scaling)
         self.target = copy.deepcopy(self.student).requires_grad_(False)
@@ -103,7 +117,7 @@ class LCM(Method):
         """f_ema(x_{t'}, t'): one (thresholded) teacher DDIM step t -> t' = t - skip * T/N on
         the solver grid, then the EMA target network."""
         t_prev = (t - self.skip * (self.T // self.solver_steps)).clamp_min(0)
-        x0_teacher = self.teacher_x0(x_t, t, cond)
+        x0_teacher = self.counted_teacher_x0(x_t, t, cond)
         x_prev = self.schedule.ddim_step(x_t.float(), x0_teacher, t, t_prev)
         return self.target(x_prev, t_prev, cond)
 

@@ -15,35 +15,56 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import substeps
+from ..diffusion import substeps, timesteps
 from ..sampling import DDIMPolicy, take_cond
+from ..validation import check_callable, check_choice, check_int, fail
 from .base import Method, per_sample_mean
+
+
+def check_grid(n_steps: int, k: int, T: int = 1000) -> None:
+    """PD's teacher walks the (n_steps * k)-step grid inside each student step: that grid must
+    exist (n_steps * k <= T) and contain every point of the student's n_steps-step grid.
+    Raises ``ConfigError`` naming ``n_steps`` or ``substeps``."""
+    if n_steps > T:
+        fail("n_steps", n_steps, f"an int in [1, T={T}] (the teacher's steps)")
+    if n_steps * k > T:
+        fail("substeps", k, f"n_steps * substeps <= T={T}",
+             f"with n_steps={n_steps} the teacher would need a {n_steps * k}-step grid")
+    grid = timesteps(n_steps, T).tolist()
+    for i, t in enumerate(grid):
+        s = grid[i + 1] if i + 1 < len(grid) else -1
+        try:
+            substeps(t, s, n_steps, k, T)
+        except ValueError as e:
+            fail("substeps", k, f"a substeps whose {n_steps * k}-step teacher grid contains "
+                 f"every point of the {n_steps}-step student grid {grid}", str(e))
 
 
 class PD(Method):
     """:param substeps: teacher DDIM steps per student step (2 for one halving stage).
     :param teacher: a teacher denoiser to use instead of the backend's (progressive stages).
-    :param space: "x0" (weight max(SNR, 1)) or "v"."""
+    :param space: "x0" (weight max(SNR, 1)) or "v".
+
+    Teacher cost of the target: ``substeps`` teacher DDIM steps per state, i.e.
+    ``nfe["teacher_target"]`` grows by batch x substeps per training step."""
 
     name = "pd"
 
     def __init__(self, n_steps: int = 4, substeps: int = 2, reflected: bool = False,
                  teacher=None, space: str = "x0"):
         super().__init__(n_steps, reflected)
-        if not isinstance(substeps, int) or substeps < 1:
-            raise ValueError(f"substeps={substeps!r} must be a positive int")
-        if space not in ("x0", "v"):
-            raise ValueError(f"space={space!r} is not one of ('x0', 'v')")
+        check_int("substeps", substeps, 1)
+        check_choice("space", space, ("x0", "v"))
+        check_callable("teacher", teacher, "a teacher denoiser (x_t, t, cond) -> x0", none=True)
         self.substeps, self.space, self._teacher_override = substeps, space, teacher
 
     def setup(self, backend):
+        check_grid(self.n_steps, self.substeps, backend.schedule.T)  # before the student is made
         super().setup(backend)
         if self._teacher_override is not None:
             self.teacher = self._teacher_override
         grid = self.grid.tolist()
         self.next_t = {t: (grid[i + 1] if i + 1 < len(grid) else -1) for i, t in enumerate(grid)}
-        for t, s in self.next_t.items():  # fails early if the teacher grid does not refine ours
-            substeps(t, s, self.n_steps, self.substeps, self.T)
 
     def spec(self):
         sp = super().spec()
@@ -55,7 +76,7 @@ class PD(Method):
         """(x0_tgt, x_s): the x0 that makes one student DDIM step t -> s land on the teacher's
         x_s after ``substeps`` DDIM steps."""
         s = self.next_t[t]
-        teacher = DDIMPolicy(self.teacher_x0, self.schedule,
+        teacher = DDIMPolicy(self.counted_teacher_x0, self.schedule,
                              fine_steps=self.n_steps * self.substeps if self.substeps > 1 else None)
         x_s, _ = teacher.step(x_t, t, s, cond)
         S = self.schedule

@@ -23,97 +23,37 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 
 import torch
 from torch import nn
 
-from .data import LatentCache, load_image_captions, read_captions, sample_latents, vae_moments
+from .data import (LatentCache, image_size, load_image_captions, read_captions, sample_latents,
+                   vae_moments)
 from ..denoiser import CFG, wrap
-from ..diffusion import Schedule, Threshold, threshold
-from ..hub import OfflineError, require_download
+from ..diffusion import (DIFFUSERS_PREDICTIONS, Schedule, Threshold, prediction_from_config,
+                         schedule_from_config, threshold)
+from ..hub import OfflineError
+from .loading import (SUPPORTED, check_pipeline_folder, load_pipeline, load_unet,  # noqa: F401
+                      looks_like_path)
 from ..backend import Backend
 
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-DIFFUSERS_PREDICTION = {v: k for k, v in PREDICTIONS.items()}
-BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear",
-                  "squaredcos_cap_v2": "cosine"}
+PREDICTIONS = DIFFUSERS_PREDICTIONS
+DIFFUSERS_PREDICTION = {v: k for k, v in DIFFUSERS_PREDICTIONS.items()}
 MIXED_PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 # ---- schedule and parameterisation from the scheduler config ----
 def schedule_from_scheduler(scheduler) -> Schedule:
-    """The ``Schedule`` of a diffusers scheduler (its betas and T), checked against the
-    scheduler's own ``alphas_cumprod`` when it has one. Raises ValueError for schedules this
-    library cannot represent (trained betas, zero-terminal-SNR rescaling, unknown kinds)."""
-    cfg = scheduler.config
-    kind = cfg.get("beta_schedule", "linear")
-    if kind not in BETA_SCHEDULES:
-        raise ValueError(f"scheduler beta_schedule={kind!r} is not supported; allowed: "
-                         f"{tuple(BETA_SCHEDULES)}")
-    if cfg.get("trained_betas") is not None:
-        raise ValueError("scheduler has trained_betas, which Schedule cannot represent")
-    if cfg.get("rescale_betas_zero_snr", False):
-        raise ValueError("scheduler has rescale_betas_zero_snr=True, which Schedule does not "
-                         "support (alpha_bar at t=T-1 would be 0)")
-    S = Schedule(BETA_SCHEDULES[kind], int(cfg.get("num_train_timesteps", 1000)),
-                 cfg.get("beta_start"), cfg.get("beta_end"))
-    ref = getattr(scheduler, "alphas_cumprod", None)
-    if ref is not None and not torch.allclose(S.alpha_bar[:-1], torch.as_tensor(ref).float(),
-                                              atol=1e-6, rtol=1e-5):
-        raise ValueError(f"{S} does not reproduce the scheduler's alphas_cumprod "
-                         f"({type(scheduler).__name__}, beta_schedule={kind!r})")
-    return S
+    """The ``Schedule`` of a diffusers scheduler, checked against its ``alphas_cumprod``
+    (``diffusion.schedule_from_config``)."""
+    return schedule_from_config(scheduler.config, getattr(scheduler, "alphas_cumprod", None))
 
 
 def prediction_from_scheduler(scheduler) -> str:
     """"eps", "v" or "x0" from the scheduler's ``prediction_type``."""
-    p = scheduler.config.get("prediction_type", "epsilon")
-    if p not in PREDICTIONS:
-        raise ValueError(f"scheduler prediction_type={p!r} is not one of {tuple(PREDICTIONS)}")
-    return PREDICTIONS[p]
-
-
-# ---- loading ----
-def load_pipeline(model, dtype: torch.dtype = torch.float32, variant: str | None = None):
-    """A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` from a hub id or a local
-    folder (or the pipeline itself, returned as is). Files already in the hub cache load offline;
-    anything that would need a download raises ``OfflineError`` within seconds when the hub cannot
-    be reached. The safety checker of SD1.5 checkpoints is not loaded."""
-    from diffusers import DiffusionPipeline
-
-    if isinstance(model, DiffusionPipeline):
-        _check_class(type(model).__name__, model)
-        return model
-    model = os.fspath(model)
-    if os.path.isdir(model):
-        config, local = DiffusionPipeline.load_config(model), True
-    else:
-        try:
-            config, local = DiffusionPipeline.load_config(model, local_files_only=True), True
-        except (OSError, ValueError):
-            require_download(f"diffusers pipeline {model!r}",
-                             hint="Download it on a machine with internet access "
-                                  "(e.g. `hf download ...`) and pass the local folder.")
-            config, local = DiffusionPipeline.load_config(model), False
-    _check_class(config.get("_class_name"), model)
-    extra = {}
-    if config["_class_name"] == SUPPORTED[0]:
-        extra = {"safety_checker": None, "requires_safety_checker": False}
-    kw = dict(dtype=dtype, variant=variant, **extra)
-    try:
-        return DiffusionPipeline.from_pretrained(model, local_files_only=local, **kw)
-    except OSError:
-        if os.path.isdir(model):
-            raise
-        require_download(f"weights of diffusers pipeline {model!r}")
-        return DiffusionPipeline.from_pretrained(model, **kw)
-
-
-def _check_class(name, model):
-    if name not in SUPPORTED:
-        raise ValueError(f"model={model!r} is a {name}; the sd backend supports {SUPPORTED}")
+    return prediction_from_config(scheduler.config)
 
 
 # ---- the UNet as a network net(x_t, t, cond) ----
@@ -174,22 +114,27 @@ class UNetNet(nn.Module):
 
 
 def add_w_embedding(unet: nn.Module, dim: int = 256) -> nn.Module:
-    """A copy of ``unet`` with a guidance-scale input (``time_cond_proj_dim=dim``), as LCM's
-    students have. The new projection is zero-initialised, so the copy starts equal to ``unet``
-    for every w."""
+    """``unet`` with a guidance-scale input (``time_cond_proj_dim=dim``), as LCM's students have:
+    a new UNet that takes over ``unet``'s weight tensors (no copy: pass a copy to keep ``unet``
+    apart), built on the meta device so an SDXL-size UNet is never allocated twice. The new
+    projection is zero-initialised, so the result starts equal to ``unet`` for every w."""
     from diffusers import UNet2DConditionModel
 
     if unet.config.time_cond_proj_dim is not None:
-        return copy.deepcopy(unet)
+        return unet
     p = next(unet.parameters())
-    new = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": dim})
-    new.to(p.device)
-    if p.dtype != torch.float32:
-        new.to(dtype=p.dtype)
-    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    with torch.device("meta"):
+        new = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": dim})
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False, assign=True)
     if unexpected or missing != ["time_embedding.cond_proj.weight"]:
         raise RuntimeError(f"w-embedding copy: missing {missing}, unexpected {unexpected}")
-    nn.init.zeros_(new.time_embedding.cond_proj.weight)
+    te = new.time_embedding
+    te.cond_proj = nn.Linear(dim, te.linear_1.in_features, bias=False, device=p.device,
+                             dtype=p.dtype)
+    nn.init.zeros_(te.cond_proj.weight)
+    left = [n for n, t in list(new.named_parameters()) + list(new.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"w-embedding copy: tensors left on the meta device: {left}")
     return new
 
 
@@ -207,6 +152,9 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None = None,
                                 target_modules=list(targets)))
     if unet.time_embedding.cond_proj is not None:
         unet.time_embedding.cond_proj.requires_grad_(True)
+    for p in unet.parameters():  # trained in fp32 even on a bf16 / fp16 frozen base
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     return unet
 
 
@@ -272,14 +220,22 @@ class SDBackend(Backend):
     :param w_embed: give students a guidance-scale embedding (default: iff guidance is a range).
     :param student_prediction: what students predict ("eps", "v", "x0"); default the teacher's.
     :param lora_rank: > 0: students and critics train LoRA adapters (peft) instead of all weights.
-    :param mixed_precision: "no", "bf16" or "fp16": frozen teacher / VAE / text encoders are cast
-        to it; students keep fp32 weights and run under autocast.
+    :param mixed_precision: "no", "bf16" or "fp16": frozen teacher / VAE / text encoders are
+        loaded in it; students keep fp32 trainable weights and run under autocast (full
+        students start from the checkpoint's fp32 weights, read again from disk; LoRA students
+        and critics share the teacher's frozen weights, their adapters are fp32).
     :param gradient_checkpointing: on the students' and critics' UNets.
     :param support: "static" (clamp to ``latent_range``) or "dynamic" (``LatentThreshold``): the
         support used when a method is ``reflected``.
+    :param resolution: training image size: an int side (square) or (height, width); default
+        the UNet's native ``sample_size`` times the VAE factor (a pair for non-square UNets).
+    :param negative_prompt: the unconditional branch of the guided teacher (classifier-free
+        guidance), as diffusers pipelines' ``negative_prompt``; None: the empty prompt (zeros for
+        SDXL pipelines with ``force_zeros_for_empty_prompt``).
     :param latent_cache: a ``.safetensors`` path: encode the dataset with the VAE once, reuse.
     :param device: where the networks live; every tensor the backend returns is on it.
     :param variant: weights variant to load (e.g. "fp16" files of a hub checkpoint).
+    :param allow_pickle: also load pickled ``.bin`` weights (only for folders you trust).
     """
 
     def __init__(self, model, data=None, prompts=None, *, guidance=7.5, w_embed: bool | None = None,
@@ -287,10 +243,12 @@ class SDBackend(Backend):
                  lora_rank: int = 0, lora_alpha: float | None = None, mixed_precision: str = "no",
                  gradient_checkpointing: bool = False, support: str = "dynamic",
                  latent_range: tuple = (-4.0, 4.0), threshold_ratio: float = 0.995,
-                 threshold_max: float = 1.5, resolution: int | None = None,
+                 threshold_max: float = 1.5, resolution: int | tuple | None = None,
+                 negative_prompt: str | None = None,
                  latent_cache: str | None = None, split: str = "train",
                  image_column: str = "image", caption_column: str = "text",
-                 device: str | torch.device = "cpu", variant: str | None = None):
+                 device: str | torch.device = "cpu", variant: str | None = None,
+                 allow_pickle: bool = False):
         if mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision={mixed_precision!r} is not one of "
                              f"{tuple(MIXED_PRECISION)}")
@@ -308,7 +266,12 @@ class SDBackend(Backend):
         self.w_embed_dim, self.lora_rank, self.lora_alpha = w_embed_dim, lora_rank, lora_alpha
         self.gradient_checkpointing = gradient_checkpointing
 
-        pipe = load_pipeline(model, variant=variant)
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt={negative_prompt!r} must be None or a string")
+        self.negative_prompt = negative_prompt
+        self.variant, self.allow_pickle = variant, allow_pickle
+        # frozen parts load in the mixed-precision dtype directly (no fp32 pipeline in memory)
+        pipe = load_pipeline(model, dtype=self.dtype, variant=variant, allow_pickle=allow_pickle)
         pipe.set_progress_bar_config(disable=True)
         self.is_xl = type(pipe).__name__ == SUPPORTED[1]
         self.schedule = schedule_from_scheduler(pipe.scheduler)
@@ -317,10 +280,14 @@ class SDBackend(Backend):
         if self.student_prediction not in DIFFUSERS_PREDICTION:
             raise ValueError(f"student_prediction={student_prediction!r} is not one of "
                              f"{tuple(DIFFUSERS_PREDICTION)}")
-        # students start from fp32 weights; frozen parts run in the mixed-precision dtype
-        self.init_unet = copy.deepcopy(pipe.unet) if self.dtype != torch.float32 else pipe.unet
+        # where full students get their fp32 weights: the checkpoint on disk (read again per
+        # student), or, for a pipeline passed in memory, an fp32 copy kept here
+        self._source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+        self._fp32_copy = None
+        if self._source is None and self.dtype != torch.float32:
+            self._fp32_copy = copy.deepcopy(pipe.unet).to(torch.float32)
         pipe.to(self.device)
-        if self.dtype != torch.float32:
+        if any(m.dtype != self.dtype for m in pipe.components.values() if isinstance(m, nn.Module)):
             pipe.to(dtype=self.dtype)
         if self.dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
             pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
@@ -329,12 +296,27 @@ class SDBackend(Backend):
                 m.requires_grad_(False).eval()
         self.pipe, self.vae = pipe, pipe.vae
 
-        self.resolution = int(resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
-        if self.resolution % pipe.vae_scale_factor:
-            raise ValueError(f"resolution={self.resolution} must be a multiple of the VAE factor "
-                             f"{pipe.vae_scale_factor}")
-        side = self.resolution // pipe.vae_scale_factor
-        self.shape = (pipe.unet.config.in_channels, side, side)
+        f = pipe.vae_scale_factor
+        native = tuple(f * v for v in image_size(pipe.unet.config.sample_size))
+        if resolution is None:
+            size = native
+        else:
+            if not (isinstance(resolution, int) or isinstance(resolution, (tuple, list))
+                    and len(resolution) == 2 and all(isinstance(v, int) for v in resolution)):
+                raise ValueError(f"resolution={resolution!r} must be None, an int or "
+                                 "(height, width)")
+            size = image_size(resolution)
+            if isinstance(resolution, int) and native[0] != native[1]:
+                warnings.warn(f"resolution={resolution} trains square {resolution}x{resolution} "
+                              f"images on a UNet whose native size is {native[0]}x{native[1]} "
+                              f"(height x width); pass resolution=({native[0]}, {native[1]}) "
+                              "(or another pair) to keep its aspect", stacklevel=2)
+        if size[0] % f or size[1] % f or min(size) < f:
+            raise ValueError(f"resolution={resolution!r} ({size[0]}x{size[1]}) must be positive "
+                             f"multiples of the VAE factor {f}")
+        self.size = size  # (height, width) in pixels
+        self.resolution = size[0] if size[0] == size[1] else size
+        self.shape = (pipe.unet.config.in_channels, size[0] // f, size[1] // f)
         self._set_data(data, prompts, latent_cache, split, image_column, caption_column)
         lo, hi = latent_range
         self.support = LatentThreshold(support, lo, hi, threshold_ratio, threshold_max)
@@ -382,10 +364,12 @@ class SDBackend(Backend):
             raise ValueError("prompts is empty")
 
     def _uncond_embeddings(self) -> dict:
-        """The unconditional input of CFG: the empty prompt, or zeros where an SDXL pipeline
-        sets force_zeros_for_empty_prompt (as its __call__ does without a negative prompt)."""
-        c = self.encode_prompts([""])
-        if self.is_xl and self.pipe.config.get("force_zeros_for_empty_prompt", True):
+        """The unconditional input of CFG: the negative prompt if given, else the empty prompt,
+        or zeros where an SDXL pipeline sets force_zeros_for_empty_prompt (as its __call__ does
+        without a negative prompt)."""
+        c = self.encode_prompts([self.negative_prompt or ""])
+        if self.is_xl and self.negative_prompt is None and \
+                self.pipe.config.get("force_zeros_for_empty_prompt", True):
             c["emb"], c["pooled"] = torch.zeros_like(c["emb"]), torch.zeros_like(c["pooled"])
         return {k: c[k] for k in ("emb", "pooled") if k in c}
 
@@ -405,8 +389,8 @@ class SDBackend(Backend):
             emb, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=prompts, device=self.device, num_images_per_prompt=1,
                 do_classifier_free_guidance=False)
-            r = self.resolution
-            ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=emb.dtype, device=self.device)
+            H, W = self.size  # (original size, crop top-left, target size), as the pipeline
+            ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=emb.dtype, device=self.device)
             cond = {"emb": emb, "pooled": pooled, "time_ids": ids.repeat(B, 1)}
         else:
             emb, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
@@ -466,8 +450,20 @@ class SDBackend(Backend):
         return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float()
 
     # ---- students ----
+    def fp32_unet(self) -> nn.Module:
+        """A fresh float32 copy of the teacher's UNet on the backend's device (read from the
+        checkpoint again, so no fp32 copy of an SDXL-size UNet stays in memory)."""
+        if self.dtype == torch.float32 and self.pipe.unet.dtype == torch.float32:
+            return copy.deepcopy(self.pipe.unet)
+        if self._fp32_copy is not None:
+            return copy.deepcopy(self._fp32_copy).to(self.device)
+        return load_unet(self._source, self.variant, self.allow_pickle).to(self.device)
+
     def _trainable_unet(self, w_embed: bool) -> nn.Module:
-        unet = copy.deepcopy(self.init_unet).to(self.device)  # init_unet is float32
+        if self.lora_rank:  # the teacher's frozen weights, shared (not copied); fp32 adapters
+            unet = shared_copy(self.pipe.unet)
+        else:
+            unet = self.fp32_unet()
         if w_embed:
             unet = add_w_embedding(unet, self.w_embed_dim)
         if self.lora_rank:
@@ -504,6 +500,16 @@ class SDBackend(Backend):
         return ax
 
 
+def shared_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are the original's tensors (new module
+    objects, no new weights): the frozen base of LoRA students and critics, which costs no
+    memory. Adapters added to the copy do not touch the original; never cast or move the copy
+    in place (``.to``) while the original is in use. ``copy.deepcopy`` of the copy is a full
+    copy again."""
+    memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
 def _gen_device(generator):
     return generator.device if generator is not None else "cpu"
 
@@ -530,9 +536,13 @@ __all__ = [
     "adamw",
     "add_lora",
     "add_w_embedding",
+    "check_pipeline_folder",
     "guidance_embedding",
     "load_pipeline",
+    "load_unet",
+    "looks_like_path",
     "prediction_from_scheduler",
     "schedule_from_scheduler",
+    "shared_copy",
     "unet_of",
 ]

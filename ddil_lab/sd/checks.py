@@ -8,14 +8,8 @@ import os
 
 from ..hub import OfflineError, require_download
 from ..train.settings import check_names, fail, is_int, reuse
-from .backend import DIFFUSERS_PREDICTION, MIXED_PRECISION, SDBackend
+from .backend import DIFFUSERS_PREDICTION, MIXED_PRECISION, SDBackend, looks_like_path
 from .data import read_captions
-
-
-def _looks_like_path(s: str) -> bool:
-    """A local path rather than a hub id 'org/name' (which has exactly one '/')."""
-    return (os.path.isabs(s) or s.startswith((".", "~")) or s.count("/") > 1
-            or os.sep != "/" and os.sep in s or os.path.exists(s))
 
 
 def _vae_factor(model: str) -> int:
@@ -40,7 +34,7 @@ def check_params(p: dict) -> None:
               "local diffusers pipeline folder, or a loaded pipeline")
     if isinstance(model, (str, os.PathLike)):
         model = os.fspath(model)
-        if _looks_like_path(model):
+        if looks_like_path(model):
             path = os.path.expanduser(model)
             if not os.path.isfile(os.path.join(path, "model_index.json")):
                 fail("backend.model", model, "a diffusers pipeline folder (with "
@@ -59,7 +53,7 @@ def check_params(p: dict) -> None:
     if data is None and prompts is None:
         fail("backend.data", data, "images with captions (an imagefolder, a save_to_disk "
               "folder or a datasets name), or give backend.prompts for data-free distillation")
-    if isinstance(data, (str, os.PathLike)) and _looks_like_path(os.fspath(data)):
+    if isinstance(data, (str, os.PathLike)) and looks_like_path(os.fspath(data)):
         d = os.path.expanduser(os.fspath(data))
         if not os.path.isdir(d):
             fail("backend.data", os.fspath(data), "an existing imagefolder (images + "
@@ -83,9 +77,11 @@ def check_params(p: dict) -> None:
         fail("backend.student_prediction", sp, f"None or one of {tuple(DIFFUSERS_PREDICTION)}")
     res = p.get("resolution")
     factor = _vae_factor(local) if local else 8
-    if res is not None and not (is_int(res) and res > 0 and res % factor == 0):
+    sides = list(res) if isinstance(res, (list, tuple)) and len(res) == 2 else [res]
+    if res is not None and not all(is_int(v) and v > 0 and v % factor == 0 for v in sides):
         fail("backend.resolution", res, f"a positive multiple of the VAE factor {factor} "
-              "(images are resized and cropped to resolution x resolution)")
+              "(images are resized and cropped to resolution x resolution), or a pair "
+              "(height, width) of them")
     g = p.get("guidance", 7.5)
     if isinstance(g, (list, tuple)):
         if not (len(g) == 2 and all(isinstance(v, (int, float)) for v in g) and 1 <= g[0] <= g[1]):

@@ -67,23 +67,39 @@ def read_captions(path: str | os.PathLike) -> list[str]:
 
 
 # ---- images ----
-def preprocess(image, resolution: int, center_crop: bool = True) -> torch.Tensor:
-    """PIL image -> (3, resolution, resolution) float tensor in [-1, 1]: resize the shorter side
-    to ``resolution`` (bilinear), then center-crop (or resize to a square if not center_crop)."""
+def image_size(resolution) -> tuple[int, int]:
+    """(height, width) of ``resolution``: an int side (square) or a pair (height, width)."""
+    if isinstance(resolution, (tuple, list)):
+        if len(resolution) != 2:
+            raise ValueError(f"resolution={resolution!r} must be an int or (height, width)")
+        return int(resolution[0]), int(resolution[1])
+    return int(resolution), int(resolution)
+
+
+def _norm(resolution):
+    """An int for a square size (as before), else the (height, width) pair."""
+    H, W = image_size(resolution)
+    return H if H == W else (H, W)
+
+
+def preprocess(image, resolution, center_crop: bool = True) -> torch.Tensor:
+    """PIL image -> (3, H, W) float tensor in [-1, 1], (H, W) = ``image_size(resolution)``:
+    resize so the image covers H x W (bilinear), then center-crop (or resize to H x W if not
+    center_crop)."""
     import numpy as np
     from PIL import Image
 
+    H, W = image_size(resolution)
     image = image.convert("RGB")
     w, h = image.size
     if center_crop:
-        s = resolution / min(w, h)
-        image = image.resize((max(resolution, round(w * s)), max(resolution, round(h * s))),
-                             Image.BILINEAR)
+        s = max(W / w, H / h)
+        image = image.resize((max(W, round(w * s)), max(H, round(h * s))), Image.BILINEAR)
         w, h = image.size
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
+        left, top = (w - W) // 2, (h - H) // 2
+        image = image.crop((left, top, left + W, top + H))
     else:
-        image = image.resize((resolution, resolution), Image.BILINEAR)
+        image = image.resize((W, H), Image.BILINEAR)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
     return x / 127.5 - 1.0
 
@@ -92,11 +108,12 @@ class ImageCaptionFolder:
     """An ``imagefolder`` directory: images and a ``metadata.jsonl`` naming them.
 
     :param root: the folder holding ``metadata.jsonl``.
-    :param resolution: side of the square training images.
+    :param resolution: side of the square training images, or (height, width).
     """
 
-    def __init__(self, root: str | os.PathLike, resolution: int, center_crop: bool = True):
-        self.root, self.resolution, self.center_crop = Path(root), int(resolution), center_crop
+    def __init__(self, root: str | os.PathLike, resolution, center_crop: bool = True):
+        self.root, self.center_crop = Path(root), center_crop
+        self.resolution = _norm(resolution)
         meta = self.root / "metadata.jsonl"
         if not meta.is_file():
             raise FileNotFoundError(f"data={str(root)!r}: no metadata.jsonl (imagefolder layout: "
@@ -158,7 +175,7 @@ class HFImageCaptions:
             if col not in ds.column_names:
                 raise ValueError(f"dataset {name!r} has no column {col!r}; "
                                  f"columns: {ds.column_names}")
-        self.ds, self.resolution, self.center_crop = ds, int(resolution), center_crop
+        self.ds, self.resolution, self.center_crop = ds, _norm(resolution), center_crop
         self.name = name
         self.image_column, self.caption_column = image_column, caption_column
 

@@ -14,13 +14,25 @@ as the student was trained to sample:
                             next grid point with fresh noise (multistep consistency sampling),
                             with LCM's boundary scalings (timestep_scaling of the student's
                             consistency function; 1e4 for DMD2, whose students have none). No
-                            LCM spacing gives our grid, so pass it: ``pipe(prompt,
-                            timesteps=[999, 749, 500, 250])``.
+                            LCM spacing gives our grid (LCM's own walks 999, 749, 499, 249), so
+                            pass it: ``pipe(prompt, timesteps=[999, 749, 500, 250])``. The
+                            scheduler is saved with ``original_inference_steps=1``, so that the
+                            call that would walk another grid, ``pipe(prompt,
+                            num_inference_steps=n)`` with n > 1, is refused by diffusers
+                            (ValueError: "The combination of `original_steps x strength`: 1 x
+                            1.0 is smaller than `num_inference_steps`");
+                            with ``timesteps=`` diffusers logs that the points are "not on the
+                            original schedule", which is expected here.
 
 ``ddil_student.json`` in the folder records the call: ``pipeline_kwargs(folder)`` returns it as
 keyword arguments (num_inference_steps or timesteps, and guidance_scale: 1.0 for a student that
 distilled a guided teacher at a fixed w, so the pipeline runs no CFG of its own; the chosen w for
 a guidance-conditioned student, which the pipeline then feeds to the UNet's w embedding).
+
+A student distilled from a guided teacher has the teacher's unconditional branch (the empty
+prompt, or the backend's ``negative_prompt``) built in: its pipeline runs no CFG, so a
+``negative_prompt=`` passed to it changes nothing (diffusers ignores it at guidance_scale 1 and
+for w-embedded UNets); ``ddil_student.json`` records the teacher's negative prompt.
 """
 
 from __future__ import annotations
@@ -58,18 +70,43 @@ def student_scheduler(base_config, sampler: str, prediction: str,
         return DPMSolverMultistepScheduler(solver_order=1, algorithm_type="dpmsolver++",
                                            timestep_spacing="linspace", final_sigmas_type="zero",
                                            lower_order_final=True, **common)
-    return LCMScheduler(original_inference_steps=common.get("num_train_timesteps", 1000),
-                        timestep_scaling=timestep_scaling, set_alpha_to_one=True, **common)
+    # original_inference_steps=1: LCM's own n-step spacing (999, 499 for n=2) differs from our
+    # grid (999, 500), so diffusers refuses num_inference_steps > 1; pass timesteps=grid
+    return LCMScheduler(original_inference_steps=1, timestep_scaling=timestep_scaling,
+                        set_alpha_to_one=True, **common)
 
 
-def _merged_unet(student) -> torch.nn.Module:
-    """A float32 copy of the student's UNet with any LoRA adapters merged into its weights."""
-    unet = copy.deepcopy(unet_of(student)).eval()
-    if unet.dtype != torch.float32:
+def _merged_unet(student, backend=None, dtype=torch.float32) -> torch.nn.Module:
+    """A float32 copy of the student's UNet with any LoRA adapters merged into its weights. A
+    LoRA student on a bf16 / fp16 frozen base is merged into the teacher's fp32 weights
+    (``backend.fp32_unet()``), so the export does not carry the base's rounding."""
+    trained = unet_of(student)
+    lora = getattr(trained, "peft_config", None)
+    low = any(p.dtype != torch.float32 for p in trained.parameters())
+    if lora and low and backend is not None and dtype == torch.float32:
+        from .backend import add_lora, add_w_embedding
+
+        unet = backend.fp32_unet()
+        dim = trained.config.time_cond_proj_dim
+        if dim is not None:
+            unet = add_w_embedding(unet, dim)
+        cfg = next(iter(lora.values()))
+        add_lora(unet, cfg.r, cfg.lora_alpha, tuple(cfg.target_modules))
+        own = {k: v for k, v in trained.state_dict().items() if "lora_" in k or "cond_proj" in k}
+        missing = set(own) - set(unet.state_dict())
+        if missing:
+            raise RuntimeError(f"LoRA export: keys not in the fp32 UNet: {sorted(missing)[:5]}")
+        unet.load_state_dict(own, strict=False)
+        unet.eval()
+    else:
+        unet = copy.deepcopy(trained).eval()
+    if unet.dtype != torch.float32 or low:
         unet.to(dtype=torch.float32)
     if getattr(unet, "peft_config", None):
         unet.fuse_lora()
         unet.unload_lora()
+    if dtype != torch.float32:
+        unet.to(dtype=dtype)
     unet.requires_grad_(False)
     unet.disable_gradient_checkpointing()
     return unet
@@ -89,7 +126,7 @@ def _infer(student, method):
 
 def export_pipeline(backend, student, folder: str | os.PathLike, n_steps: int | None = None,
                     sampler: str | None = None, guidance_scale: float | None = None,
-                    safe_serialization: bool = True) -> str:
+                    safe_serialization: bool = True, dtype: torch.dtype = torch.float32) -> str:
     """Save a distilled student as a diffusers pipeline folder and return the folder.
 
     :param backend: the ``SDBackend`` the student was distilled on (its VAE, text encoders,
@@ -100,6 +137,8 @@ def export_pipeline(backend, student, folder: str | os.PathLike, n_steps: int | 
     :param sampler: "ddim" (PD) or "consistency" (LCM, DMD2); default: from the method.
     :param guidance_scale: for a guidance-conditioned student, the w to record for inference
         (default: the backend's w, or the middle of its range); ignored otherwise (1.0).
+    :param dtype: of every module in the folder (float32; bfloat16 halves an SDXL-size export
+        and shares the backend's bf16 frozen parts instead of copying them).
     """
     method = getattr(student, "method", None)
     if method is not None:  # a DistillResult
@@ -109,13 +148,13 @@ def export_pipeline(backend, student, folder: str | os.PathLike, n_steps: int | 
         raise ValueError(f"n_steps={n_steps!r} must be a positive int (or pass a DistillResult)")
     auto_sampler, scaling = _infer(student, method)
     sampler = sampler or auto_sampler
-    unet = _merged_unet(student)
+    unet = _merged_unet(student, backend, dtype)
     prediction = backend.student_prediction
     scheduler = student_scheduler(backend.pipe.scheduler.config, sampler, prediction, scaling)
     # one dtype for the whole folder (float32, as the student trains): with mixed precision the
     # backend holds its frozen parts in bf16/fp16; load with torch_dtype= to sample in either
-    parts = {k: copy.deepcopy(v).to(torch.float32)
-             if isinstance(v, torch.nn.Module) and v.dtype != torch.float32 else v
+    parts = {k: copy.deepcopy(v).to(dtype)
+             if isinstance(v, torch.nn.Module) and v.dtype != dtype else v
              for k, v in backend.pipe.components.items() if k != "unet"}
     parts.update(unet=unet, scheduler=scheduler)
     if "safety_checker" in parts:
@@ -132,7 +171,8 @@ def export_pipeline(backend, student, folder: str | os.PathLike, n_steps: int | 
     grid = timesteps(n_steps, backend.schedule.T).tolist()
     info = {"sampler": sampler, "num_inference_steps": n_steps, "timesteps": grid,
             "guidance_scale": float(w), "w_embed": w_embed, "prediction": prediction,
-            "teacher_guidance": backend.w_range or backend.w}
+            "teacher_guidance": backend.w_range or backend.w,
+            "teacher_negative_prompt": getattr(backend, "negative_prompt", None)}
     with open(os.path.join(folder, INFO_FILE), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
     return folder

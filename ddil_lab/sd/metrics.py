@@ -1,15 +1,21 @@
 """Text-to-image evaluation, the paper's protocol (DDIL, Sec. 5, "Datasets and metrics").
 
     captions (COCO-style file) -> one image per caption, seed = seed0 + caption index
-        FID          Frechet distance of Inception features, generated vs reference images
+        FID          torch-fidelity's TF-Inception features and Frechet maths (the standard
+                     FID), generated vs reference images (statistics cached as npz)
         CLIP score   mean cosine similarity of open_clip image and caption embeddings
                      (ViT-g-14 laion2b_s34b_b88k by default; the paper reports e.g. 0.302)
         HPSv2        human preference score, where the ``hpsv2`` package and weights are present
     LPIPS diversity  for each of 50 prompts, 10 images with seeds 0..9; mean pairwise LPIPS
                      between the images of a prompt, averaged over prompts
 
+The named protocols (``PROTOCOLS``: ``coco5k`` = COCO-2017 val 5K, the paper's table;
+``coco30k`` = COCO-2014 val 30K) fix the captions (``coco_captions``), the reference images, the
+seeds and the networks, and their name and version go into every results JSON
+(``evaluate_protocol``; ``python -m ddil_lab.evaluate`` runs them on any pipeline).
+
 Images here are float tensors (N, 3, H, W) in [0, 1], what diffusers pipelines return; the
-feature networks and LPIPS of ``ddil_lab.metrics`` (Frechet distance, ``InceptionFeatures``,
+feature networks and LPIPS of ``ddil_lab.metrics`` (``InceptionFeatures``, ``fid_score``,
 ``lpips_diversity``) take [-1, 1], and the conversion happens inside. A *generator* is any
 callable ``generate(prompts, seeds) -> images``: ``pipeline_generator`` wraps a diffusers
 pipeline (an exported student), ``backend_generator`` our sampler on an ``SDBackend``. Every
@@ -164,15 +170,23 @@ def clip_score(images: Images, prompts: Sequence[str], clip=None, model: str = "
 
 
 # ---- FID and LPIPS diversity (ddil_lab.metrics, on [-1, 1] images) ----
-def fid(images: Images, reference: torch.Tensor, feature_fn=None) -> float:
-    """FID of images ([0, 1]) against reference images ([0, 1]) or reference features (N, D).
-    ``feature_fn`` maps [-1, 1] images to features (default: ``InceptionFeatures()`` of
-    ``ddil_lab.metrics``)."""
-    from ..metrics import InceptionFeatures, extract, frechet_distance
+def _reference(reference, fn):
+    """FID reference: ``fid_stats`` as given, features (N, D) as given, images -> features."""
+    from ..metrics import extract
+
+    if isinstance(reference, dict) or reference.ndim == 2:
+        return reference
+    return extract(fn, reference * 2 - 1)
+
+
+def fid(images: Images, reference, feature_fn=None) -> float:
+    """FID of images ([0, 1]) against reference images ([0, 1]), reference features (N, D) or
+    ``fid_stats``, with torch-fidelity's maths. ``feature_fn`` maps [-1, 1] images to features
+    (default: ``InceptionFeatures()``, the standard TF-Inception)."""
+    from ..metrics import InceptionFeatures, extract, fid_score
 
     fn = feature_fn if feature_fn is not None else InceptionFeatures()
-    ref = reference if reference.ndim == 2 else extract(fn, reference * 2 - 1)
-    return float(frechet_distance(extract(fn, images * 2 - 1), ref))
+    return fid_score(extract(fn, images * 2 - 1), _reference(reference, fn))
 
 
 def lpips_diversity_t2i(generate, prompts: Sequence[str], n_prompts: int = 50, n_seeds: int = 10,
@@ -213,7 +227,8 @@ def evaluate_t2i(generate, captions, out_dir: str | os.PathLike | None = None, *
                  seed: int = 0, feature_fn=None, clip=None, clip_model: str = "ViT-g-14",
                  clip_pretrained: str = "laion2b_s34b_b88k", lpips_model=None,
                  lpips_prompts: int = 50, lpips_seeds: int = 10, hps: str | bool = "auto",
-                 batch_size: int = 8, grid_size: int = 64, progress: bool = False) -> dict:
+                 protocol: dict | None = None, batch_size: int = 8, grid_size: int = 64,
+                 progress: bool = False) -> dict:
     """Evaluate a text-to-image generator with the paper's protocol. Images are generated and
     scored batch by batch (COCO-30K at 512 px does not fit in memory at once); only features,
     scores and the first ``grid_size`` images are kept.
@@ -221,8 +236,8 @@ def evaluate_t2i(generate, captions, out_dir: str | os.PathLike | None = None, *
     :param generate: ``generate(prompts, seeds) -> images`` (see ``pipeline_generator``).
     :param captions: a captions file (``data_t2i.read_captions``: COCO json, jsonl, txt) or list.
     :param out_dir: where ``samples.png``, ``lpips_grid.png`` and ``metrics.json`` are written.
-    :param reference: reference images (N, 3, H, W) in [0, 1] or reference features (N, D)
-        for FID (e.g. of COCO val images); None skips FID.
+    :param reference: reference images (N, 3, H, W) in [0, 1], reference features (N, D) or
+        ``fid_stats`` for FID (e.g. of COCO val images); None skips FID.
     :param n_captions: use the first n captions (e.g. 5000 for COCO 2017-5K).
     :param seed: caption i is generated with seed ``seed + i``.
     :param feature_fn: FID feature network on [-1, 1] images (default:
@@ -232,7 +247,9 @@ def evaluate_t2i(generate, captions, out_dir: str | os.PathLike | None = None, *
     :param lpips_model: an ``lpips.LPIPS`` (default: ``ddil_lab.metrics.lpips_model()``);
         ``lpips_prompts=0`` skips LPIPS diversity.
     :param hps: True (required), False (skip) or "auto" (when the package and weights are there).
-    :returns: dict with fid, clip_score, lpips_diversity, hpsv2 (None where skipped) and notes.
+    :param protocol: the protocol's description (``PROTOCOLS[name]``), written into the JSON.
+    :returns: dict with fid, clip_score, lpips_diversity, hpsv2 (None where skipped), notes and
+        the protocol.
     """
     from tqdm.auto import tqdm
 
@@ -240,7 +257,8 @@ def evaluate_t2i(generate, captions, out_dir: str | os.PathLike | None = None, *
 
     caps = read_captions(captions) if isinstance(captions, (str, os.PathLike)) else list(captions)
     caps = caps[:n_captions] if n_captions else caps
-    res: dict = {"n_images": 0, "fid": None, "clip_score": None, "lpips_diversity": None,
+    res: dict = {"protocol": dict(protocol or {"name": "custom", "version": 1}, seed=seed),
+                 "n_images": 0, "fid": None, "clip_score": None, "lpips_diversity": None,
                  "hpsv2": None, "notes": []}
     # load every network first, so a missing weight fails before any image is generated
     feats = None
@@ -248,7 +266,8 @@ def evaluate_t2i(generate, captions, out_dir: str | os.PathLike | None = None, *
         from ..metrics import InceptionFeatures, extract
 
         feature_fn = feature_fn if feature_fn is not None else InceptionFeatures()
-        ref = reference if reference.ndim == 2 else extract(feature_fn, reference * 2 - 1)
+        ref = _reference(reference, feature_fn)
+        res["fid_features"] = getattr(feature_fn, "network", type(feature_fn).__name__)
         feats = []
     if clip is not False:
         clip = clip if clip is not None else load_clip(clip_model, clip_pretrained)
@@ -282,9 +301,9 @@ def evaluate_t2i(generate, captions, out_dir: str | os.PathLike | None = None, *
                 hps = False
     n = res["n_images"]
     if feats is not None:
-        from ..metrics import frechet_distance
+        from ..metrics import fid_score
 
-        res["fid"] = float(frechet_distance(torch.cat(feats), ref))
+        res["fid"] = fid_score(torch.cat(feats), ref)
     if clip is not False:
         res["clip_score"] = sum(sims) / n
     if hps:
@@ -299,6 +318,117 @@ def evaluate_t2i(generate, captions, out_dir: str | os.PathLike | None = None, *
             one = generate_images(generate, [caps[0]] * lpips_seeds, list(range(lpips_seeds)),
                                   batch_size=lpips_seeds)
             save_grid(one, os.path.join(out_dir, "lpips_grid.png"))
+        with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2)
+    return res
+
+
+# ---- the named protocols ----
+_COMMON = {"seeds": "caption i: seed + i (one image per caption); LPIPS: seeds 0..9",
+           "fid": "torch-fidelity inception-v3-compat pool3 (2048) on uint8 images, "
+                  "fid_statistics_to_metric",
+           "clip_score": "OpenCLIP ViT-g-14 laion2b_s34b_b88k, cosine of image and caption",
+           "lpips_diversity": "50 prompts x 10 seeds, pairwise LPIPS (AlexNet), mean over pairs "
+                              "then prompts",
+           "hpsv2": "HPSv2.1 when the hpsv2 package and weights are there"}
+PROTOCOLS = {
+    "coco5k": {"name": "coco2017-val-5k", "version": 1, "dataset": "coco2017-val",
+               "n_captions": 5000, "subset": "all",
+               "captions": "captions_val2017.json: of each of the 5000 val2017 images (by image "
+                           "id) its first caption (lowest annotation id)",
+               "reference": "those 5000 val2017 images, shorter side resized to the generated "
+                            "resolution and center-cropped", **_COMMON},
+    "coco30k": {"name": "coco2014-val-30k", "version": 1, "dataset": "coco2014-val",
+                "n_captions": 30000, "subset": "random",
+                "captions": "captions_val2014.json: 30000 of the val2014 images drawn with "
+                            "torch.randperm(generator seeded 0), of each its first caption",
+                "reference": "those 30000 val2014 images, shorter side resized to the generated "
+                             "resolution and center-cropped", **_COMMON},
+}
+
+
+def coco_captions(annotations: str | os.PathLike, n: int | None = None, subset: str = "all",
+                  seed: int = 0) -> list[tuple[str, str]]:
+    """(image file name, caption) pairs of a COCO captions file (``captions_val2017.json``): one
+    caption per image, its first (lowest annotation id); images by id ("all", the first ``n``)
+    or ``n`` drawn with ``torch.randperm`` seeded ``seed`` ("random")."""
+    with open(annotations, encoding="utf-8") as f:
+        obj = json.load(f)
+    if not isinstance(obj, dict) or "images" not in obj or "annotations" not in obj:
+        raise ValueError(f"captions={os.fspath(annotations)!r} is not a COCO captions file "
+                         "(needs 'images' and 'annotations', as captions_val2017.json)")
+    first: dict = {}
+    for a in sorted(obj["annotations"], key=lambda a: a["id"]):
+        first.setdefault(a["image_id"], a["caption"].strip())
+    images = sorted((im for im in obj["images"] if im["id"] in first), key=lambda im: im["id"])
+    if subset == "random" and n is not None and n < len(images):
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+        images = [images[i] for i in idx.tolist()]
+    elif subset not in ("all", "random"):
+        raise ValueError(f"subset={subset!r} is not one of ('all', 'random')")
+    images = images[:n] if n is not None else images
+    return [(im["file_name"], first[im["id"]]) for im in images]
+
+
+def reference_stats(image_dir: str | os.PathLike, files: Sequence[str], resolution: int,
+                    features, dataset: str, cache_dir=None, batch_size: int = 32) -> dict:
+    """FID statistics of the reference images ``files`` in ``image_dir`` (resized and
+    center-cropped to ``resolution``), cached as npz keyed by data set, resolution, count and
+    feature network (``ddil_lab.metrics.reference_fid_stats``)."""
+    from PIL import Image
+
+    from ..metrics import extract, reference_fid_stats
+    from .data import preprocess
+
+    missing = [f for f in files if not os.path.isfile(os.path.join(image_dir, f))]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} reference images missing in "
+                                f"{os.fspath(image_dir)!r}, e.g. {missing[0]!r}")
+
+    def compute():
+        out = []
+        for i in range(0, len(files), batch_size):
+            batch = []
+            for f in files[i:i + batch_size]:
+                with Image.open(os.path.join(image_dir, f)) as im:
+                    batch.append(preprocess(im, resolution))  # [-1, 1]
+            out.append(extract(features, torch.stack(batch)))
+        return torch.cat(out)
+
+    return reference_fid_stats(dataset, resolution, len(files), features, compute, cache_dir)
+
+
+def evaluate_protocol(generate, protocol: str, captions: str | os.PathLike, out_dir, *,
+                      image_dir: str | os.PathLike | None = None, resolution: int,
+                      n_captions: int | None = None, features=None, cache_dir=None,
+                      seed: int = 0, **kw) -> dict:
+    """Run a named protocol (``PROTOCOLS``) on ``generate``: its captions from the COCO file
+    ``captions``, FID against the same images in ``image_dir`` (skipped without it, with a
+    note), the rest as ``evaluate_t2i`` (``kw``: clip, lpips_model, hps, batch_size, ...).
+    ``n_captions`` < the protocol's count is a smaller run of the same protocol (recorded)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} is not one of {tuple(PROTOCOLS)}")
+    spec = dict(PROTOCOLS[protocol])
+    n = spec["n_captions"] if n_captions is None else int(n_captions)
+    pairs = coco_captions(captions, n, spec["subset"])
+    if len(pairs) < n:
+        raise ValueError(f"{os.fspath(captions)!r} has {len(pairs)} captioned images; "
+                         f"protocol {protocol!r} needs {n}")
+    spec.update(n_captions=n, resolution=resolution, full=n == PROTOCOLS[protocol]["n_captions"])
+    ref = None
+    notes = []
+    if image_dir is not None:
+        from ..metrics import InceptionFeatures
+
+        features = features if features is not None else InceptionFeatures()
+        ref = reference_stats(image_dir, [f for f, _ in pairs], resolution, features,
+                              spec["dataset"], cache_dir)
+    else:
+        notes.append("FID skipped: no reference image folder given")
+    res = evaluate_t2i(generate, [c for _, c in pairs], out_dir, reference=ref, seed=seed,
+                       feature_fn=features, protocol=spec, **kw)
+    res["notes"] = notes + res["notes"]
+    if out_dir is not None:
         with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(res, f, indent=2)
     return res

@@ -41,6 +41,7 @@ from typing import ClassVar
 from ..hub import OfflineError
 from ..rollout import PRIOR_NAMES, PRIOR_SCHEDULES
 from ..train.settings import type_errors
+from ..train.tracking import check_log_with
 
 METHODS = ("pd", "lcm", "dmd2")
 THRESHOLDS = ("none", "static", "dynamic")
@@ -112,6 +113,7 @@ class FullRecipe:
     sample_every: int = 500  # sample grid and loss plot every k steps (and at each stage end)
     n_samples: int = 8  # images per sample grid
     log_every: int = 10  # history record every k steps
+    log_with: str = "tensorboard"  # run tracking: "tensorboard" (in out_dir), "wandb" or "none"
     progress: bool = True  # progress bars
     # ---- evaluation of the exported pipeline (the paper's protocol) ----
     metrics: str = "auto"  # "auto" (skip metrics without weights), "required", "tiny" or "none"
@@ -193,6 +195,10 @@ class FullRecipe:
         one_of("prior_schedule", PRIOR_SCHEDULES)
         one_of("lr_schedule", LR_SCHEDULES)
         one_of("metrics", METRICS)
+        try:
+            check_log_with(self.log_with)
+        except ValueError as err:
+            e.append(str(err))
         need(self.model_id.strip() != "", "model_id", "a hub id, a pipeline folder or 'tiny'")
         need(1.0 <= self.w_min <= self.w_max, "w_min",
              f"1 <= w_min <= w_max (w_max={self.w_max})")
@@ -402,6 +408,8 @@ class PDRecipe(FullRecipe):
     def _method_errors(self):
         e = []
         r, n = self.start_steps, self.n_steps
+        if n < 1:  # named by the shared checks (n_steps in [1, 1000]); nothing to halve to
+            return e
         if not (r > n and r % n == 0 and ((r // n) & (r // n - 1)) == 0):
             e.append(f"start_steps={r!r} is not allowed: n_steps={n} times a power of two (>= 2)")
         if self.space not in ("v", "x0"):

@@ -158,10 +158,10 @@ def plot_history(history: list[dict], path: str | None = None, ax=None):
 class _Monitor:
     """Sample grids and loss plots every ``sample_every`` steps (a ``distill`` callback)."""
 
-    def __init__(self, recipe, backend, out_dir, accelerator, callbacks, log):
+    def __init__(self, recipe, backend, out_dir, accelerator, callbacks, log, tracker=None):
         from .data import read_captions
 
-        self.recipe, self.backend, self.out_dir = recipe, backend, out_dir
+        self.recipe, self.backend, self.out_dir, self.tracker = recipe, backend, out_dir, tracker
         self.accelerator, self.callbacks, self.log = accelerator, callbacks, log
         self.history: list[dict] = []  # finished stages
         self.stage, self.offset, self.stage_steps, self.grid_steps = None, 0, 0, None
@@ -199,6 +199,8 @@ class _Monitor:
         event = {"stage": self.stage, "step": step, "global_step": self.offset + step,
                  "grid": None, "loss_plot": None}
         if _is_main(self.accelerator):
+            if self.tracker is not None:
+                self.tracker.log_images(f"samples/{self.stage}", imgs, self.offset + step)
             event["grid"] = save_grid(imgs, os.path.join(
                 self.out_dir, "samples", f"{self.offset + step:07d}_{self.stage}.png"))
             if hist:
@@ -227,7 +229,7 @@ def _load_student(student, path):
 
 
 def run_stage(recipe, stage: Stage, index: int, backend, students: dict, monitor: _Monitor,
-              out_dir: str, accelerator=None, log=print):
+              out_dir: str, accelerator=None, log=print, tracker=None):
     """Run (or, if already finished in ``out_dir``, load) one stage; returns (student, method,
     history). ``students`` maps finished stage names to their students."""
     d = os.path.join(out_dir, "stages", stage.name)
@@ -240,12 +242,16 @@ def run_stage(recipe, stage: Stage, index: int, backend, students: dict, monitor
     view = backend if stage.init == "teacher" else _InitView(backend, students[stage.init])
     method = make_method(recipe, stage, teacher)
     monitor.start(stage)
+    if tracker is not None:
+        tracker.start_stage(stage.name, monitor.offset)
     if os.path.isfile(done):  # finished in an earlier run: rebuild its modules, load the student
         method.setup(view)
         with open(os.path.join(d, "history.json"), encoding="utf-8") as f:
             history = json.load(f)
         student = _load_student(method.student, done)
         log(f"stage {stage.name}: finished earlier, loaded {done}")
+        if tracker is not None:
+            tracker.write_history(history)
         return student, method, history
     from ..train.fsdp import settings_from
     from ..train import distill
@@ -258,7 +264,11 @@ def run_stage(recipe, stage: Stage, index: int, backend, students: dict, monitor
         f"init={stage.init}, priors={sampler.priors}, batch {recipe.batch_size} over "
         f"{n_proc} process(es)" + (", modules sharded (FSDP)" if sharded else ""))
     kw = recipe.train_params(stage, index, os.path.join(d, "ckpt"))
-    res = distill(view, method, sampler, **kw, callbacks=(monitor,), accelerator=accelerator)
+    callbacks = (monitor,) + ((tracker,) if tracker is not None else ())
+    callbacks = callbacks if kw["eval_every"] else ()  # sample_every=0: no grids during a stage
+    res = distill(view, method, sampler, **kw, callbacks=callbacks, accelerator=accelerator)
+    if tracker is not None:
+        tracker.write_history(res.history)  # the steps after the last callback
     student = res.student
     if _is_main(accelerator):
         os.makedirs(d, exist_ok=True)
@@ -344,7 +354,9 @@ def evaluate(recipe: FullRecipe, pipeline_dir: str, out_dir: str, prompts: list[
     pipe, kw = load_student_pipeline(pipeline_dir)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    res_px = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from .data import image_size
+
+    res_px = tuple(pipe.vae_scale_factor * v for v in image_size(pipe.unet.config.sample_size))
     if mode == "tiny":
         feat, clip, lp = _tiny_eval_nets(os.path.join(out_dir, "tiny_nets"), recipe.seed)
     elif mode in ("auto", "required"):
@@ -440,13 +452,20 @@ def run_full(recipe: FullRecipe, out_dir: str | None = None, accelerator=None,
         backend = build_backend(recipe, inputs, device)
     log(f"{backend!r}")
     log(recipe.summary())
-    monitor = _Monitor(recipe, backend, out_dir, accelerator, tuple(callbacks), log)
+    from ..train.tracking import Tracker
+    from .memory import memory_report
+
+    log(memory_report(recipe, accelerator.num_processes if accelerator is not None else 1))
+    tracker = Tracker(os.path.join(out_dir, "tensorboard"), recipe.log_with,
+                      config=recipe.to_dict(), run_name=os.path.basename(os.path.abspath(out_dir)),
+                      enabled=main)
+    monitor = _Monitor(recipe, backend, out_dir, accelerator, tuple(callbacks), log, tracker)
     plan = recipe.plan()
     students: dict = {}
     student = method = None
     for i, stage in enumerate(plan):
         student, method, history = run_stage(recipe, stage, i, backend, students, monitor,
-                                             out_dir, accelerator, log)
+                                             out_dir, accelerator, log, tracker)
         students[stage.name] = student
         needed = {s.teacher for s in plan[i + 1:]} | {s.init for s in plan[i + 1:]}
         for k in [k for k in students if k not in needed and k != stage.name]:
@@ -464,6 +483,7 @@ def run_full(recipe: FullRecipe, out_dir: str | None = None, accelerator=None,
              "pipeline": os.path.join(out_dir, "pipeline"),
              "eval": os.path.join(out_dir, "eval"),
              "metrics": os.path.join(out_dir, "eval", "metrics.json")}
+    paths["tensorboard"] = os.path.join(out_dir, "tensorboard")
     out = {"paths": paths, "metrics": None, "stages": [s.name for s in plan]}
     if not main:  # process 0 exports and evaluates; no barrier after it (that could time out)
         return out
@@ -483,6 +503,10 @@ def run_full(recipe: FullRecipe, out_dir: str | None = None, accelerator=None,
                                                           "lpips_diversity", "hpsv2")}))
     for note in metrics["notes"]:
         log(f"note: {note}")
+    tracker.log_scalars({f"eval/{k}": metrics.get(k) for k in ("fid", "clip_score",
+                                                              "lpips_diversity", "hpsv2")
+                         if isinstance(metrics.get(k), (int, float))}, monitor.offset)
+    tracker.close()
     log(f"done in {time.time() - t0:.0f} s")
     out["metrics"] = metrics
     with open(os.path.join(out_dir, "result.json"), "w", encoding="utf-8") as f:
@@ -491,24 +515,41 @@ def run_full(recipe: FullRecipe, out_dir: str | None = None, accelerator=None,
 
 
 # ---- notebook helpers ----
-def show_progress(event: dict):
-    """A ``run_full`` callback for notebooks: show the latest sample grid and loss plot."""
+_SHOWN: set = set()  # digests of the images this process displayed (each shown once)
+
+
+def _display_once(path: str, what: str):
+    """Display the image file at ``path`` unless the same bytes were displayed before (a grid
+    that did not change between two events); then say so in one line instead."""
+    import hashlib
+
     from IPython.display import Image, display
 
-    for key in ("grid", "loss_plot"):
+    with open(path, "rb") as f:
+        data = f.read()
+    key = hashlib.sha1(data).hexdigest()
+    if key in _SHOWN:
+        print(f"({what} {os.path.basename(path)}: unchanged, shown above)")
+        return
+    _SHOWN.add(key)
+    display(Image(data=data, format="png"))
+
+
+def show_progress(event: dict):
+    """A ``run_full`` callback for notebooks: show the latest sample grid and loss plot."""
+    for key, what in (("grid", "sample grid"), ("loss_plot", "loss plot")):
         if event.get(key) and os.path.isfile(event[key]):
-            display(Image(filename=event[key]))
+            _display_once(event[key], what)
 
 
 def show_result(result: dict):
     """Display the final loss plot, the evaluation samples and the metrics of a ``run_full``."""
-    from IPython.display import Image, display
-
     p = result["paths"]
-    for f in (p["loss_plot"], os.path.join(p["eval"], "samples.png"),
-              os.path.join(p["eval"], "lpips_grid.png")):
+    for f, what in ((p["loss_plot"], "loss plot"),
+                    (os.path.join(p["eval"], "samples.png"), "evaluation samples"),
+                    (os.path.join(p["eval"], "lpips_grid.png"), "LPIPS grid")):
         if os.path.isfile(f):
-            display(Image(filename=f))
+            _display_once(f, what)
     m = result["metrics"] or {}
     for k in ("n_images", "fid", "clip_score", "lpips_diversity", "hpsv2"):
         print(f"{k:>16}: {m.get(k)}")

@@ -37,8 +37,8 @@ from torch import nn
 from ..backend import Backend
 from .backend import Toy2dBackend
 from ..diffusion import NO_THRESHOLD, timesteps
-from ..metrics import mmd, state_distance
-from .metrics import covariate_shift, mode_stats, nll
+from ..metrics import mmd, sliced_wasserstein, state_distance
+from .metrics import covariate_shift, mode_stats, nll, per_class
 from ..rollout import StateSampler
 from ..sampling import DDIMPolicy, Trajectory, sample
 from ..train.arms import ARMS, METHODS, EnsembleBackend, MemberView, train_arm
@@ -51,21 +51,24 @@ SETTINGS = {
     "guided": ("ring8_cond", 6.0),
     "grid25": ("grid25", 1.0),
     "imbalanced": ("imbalanced", 1.0),
+    "guided12": ("ring12_cond3", 6.0),  # the regime map's 12-mode, 3-class ring (std 0.04)
 }
 
 
 # ---------------------------------------------------------------- settings
 
 def make_backend(setting: str, teacher: str = "exact", guidance: float | None = None,
-                 init_steps: int = 3000, dim: int = 2, hidden: int = 128) -> Toy2dBackend:
+                 init_steps: int = 3000, dim: int = 2, hidden: int = 128,
+                 student_init: str = "pretrained") -> Toy2dBackend:
     """The toy backend of a named setting (see ``SETTINGS``); ``guidance`` overrides the
     setting's CFG scale (e.g. ``make_backend("guided", guidance=3.0)``); ``hidden`` is the
-    width of the MLP students start from (and of the MLP teacher, if teacher="mlp")."""
+    width of the MLP students start from (and of the MLP teacher, if teacher="mlp");
+    ``student_init``: "pretrained" (that MLP) or "random"."""
     if setting not in SETTINGS:
         raise ValueError(f"setting={setting!r} is not one of {tuple(SETTINGS)}")
     mixture, w = SETTINGS[setting]
     return Toy2dBackend(mixture, teacher=teacher, guidance=w if guidance is None else guidance,
-                        dim=dim, init_steps=init_steps, hidden=hidden)
+                        dim=dim, init_steps=init_steps, hidden=hidden, student_init=student_init)
 
 
 # ---------------------------------------------------------------- reference and evaluation
@@ -99,13 +102,24 @@ class Reference:
     fwd: list = field(default_factory=list)
 
 
+def balanced_labels(num_classes: int, n: int) -> torch.Tensor:
+    """n class labels, each class ``n // num_classes`` or one more times (in order 0, 1, ...)."""
+    return torch.arange(n) % num_classes
+
+
 def make_reference(backend, n: int = 4000, n_steps: int = 4, seed: int = 1234,
-                   fine_steps: int = 32) -> Reference:
+                   fine_steps: int = 32, balanced: bool = True) -> Reference:
     """Draw the evaluation noise and labels and the (guided) ``fine_steps``-step teacher's
-    trajectories along the ``n_steps`` student grid."""
+    trajectories along the ``n_steps`` student grid. ``balanced``: every class gets the same
+    number of labels (per-class metrics are then equally precise), else labels follow the
+    mixture's class prior."""
     g = torch.Generator().manual_seed(seed)
     grid = timesteps(n_steps, backend.schedule.T).tolist()
-    cond = backend.sample_cond(n, g)
+    gmm = getattr(backend, "gmm", None)
+    if balanced and gmm is not None and gmm.labels is not None:
+        cond = balanced_labels(gmm.num_classes, n)
+    else:
+        cond = backend.sample_cond(n, g)
     x_T = backend.sample_noise(n, g)
     teach = TeacherSampler(backend, grid, fine_steps)
     t1 = teach.sample(backend.sample_noise(n, g), cond)
@@ -120,11 +134,15 @@ def make_reference(backend, n: int = 4000, n_steps: int = 4, seed: int = 1234,
     return Reference(grid, x_T, cond, t1, t2, hist, fwd)
 
 
-def evaluate_trajectory(traj: Trajectory, backend, ref: Reference) -> dict:
+def evaluate_trajectory(traj: Trajectory, backend, ref: Reference, per_step: bool = True) -> dict:
     """All metrics of one trajectory started from ``ref.x_T`` with labels ``ref.cond``:
-    sample quality (NLL under the true (conditional) mixture, MMD and sliced W1 to the teacher's
-    samples (x1e3), coverage, mode-weight TV to the teacher's histogram (``tv``) and to the true
-    weights (``tv_data``), off-mode fraction) and, at each grid timestep t:
+    sample quality (NLL under the true (conditional) mixture; MMD (x1e3; the unbiased MMD^2
+    estimate, which can be slightly negative when two sets match) and sliced W1 (x1e3) to the
+    teacher's samples, per class against that class's own teacher samples and averaged over
+    classes; coverage, mode-weight TV to the teacher's histogram (``tv``) and to the true
+    (within-class) weights (``tv_data``), the off-mode fraction against every mode
+    (``off_mode``) and, for conditional mixtures, against the sample's own class's modes
+    (``off_mode_class``)) and, unless ``per_step=False``, at each grid timestep t:
 
     - ``shift_t{t}``: covariate shift vs q_t(x | c) in nats (``metrics.covariate_shift``);
     - ``gap_t{t}``: sliced W1 x1e3 between the states and forward states of q_t(x | c) (the same
@@ -136,12 +154,17 @@ def evaluate_trajectory(traj: Trajectory, backend, ref: Reference) -> dict:
     concentrated than q_t, positive where they sit off it)."""
     gmm, S, c = backend.gmm, backend.schedule, ref.cond
     x = traj.sample
-    ms = mode_stats(x, gmm)
+    ms = mode_stats(x, gmm, label=c)
     hist = torch.tensor(ms["hist"], dtype=torch.float64)
-    out = {"nll": nll(x, gmm, label=c), "mmd_x1e3": 1e3 * mmd(x, ref.teacher.sample),
-           "sw_x1e3": 1e3 * state_distance(x, ref.teacher.sample, c, c, n_proj=SW_PROJECTIONS),
+    sw = lambda a, b: sliced_wasserstein(a, b, n_proj=SW_PROJECTIONS)  # noqa: E731
+    out = {"nll": nll(x, gmm, label=c), "mmd_x1e3": 1e3 * per_class(mmd, x, ref.teacher.sample, c, c),
+           "sw_x1e3": 1e3 * per_class(sw, x, ref.teacher.sample, c, c),
            "coverage": ms["coverage"], "tv": float(0.5 * (hist - ref.hist).abs().sum()),
            "tv_data": ms["tv"], "off_mode": ms["off_mode"], "hist": ms["hist"]}
+    if "off_mode_class" in ms:
+        out["off_mode_class"] = ms["off_mode_class"]
+    if not per_step:
+        return out
     for i, t in enumerate(ref.grid):
         out[f"shift_t{t}"] = covariate_shift(traj.xs[i], t, gmm, S, label=c)
         out[f"drift_t{t}"] = 1e3 * state_distance(traj.xs[i], ref.teacher.xs[i], c, c,
@@ -157,7 +180,7 @@ def evaluate_trajectory(traj: Trajectory, backend, ref: Reference) -> dict:
 
 
 @torch.no_grad()
-def evaluate_student(student, backend, ref: Reference) -> dict:
+def evaluate_student(student, backend, ref: Reference, per_step: bool = True) -> dict:
     """Evaluate anything with ``.sample(x_T, cond) -> Trajectory`` on ``ref.grid`` (a Method,
     a ``MemberView``, a ``TeacherSampler``) from the common noise: see ``evaluate_trajectory``.
     A ``MemberView`` also contributes its training cost (``wall_s``, ``cpu_s``, ``nfe_*``)."""
@@ -165,7 +188,7 @@ def evaluate_student(student, backend, ref: Reference) -> dict:
     grid = grid.tolist() if torch.is_tensor(grid) else list(grid)
     if grid != ref.grid:
         raise ValueError(f"student grid {grid} differs from the reference grid {ref.grid}")
-    out = evaluate_trajectory(student.sample(ref.x_T, ref.cond), backend, ref)
+    out = evaluate_trajectory(student.sample(ref.x_T, ref.cond), backend, ref, per_step)
     run = getattr(student, "run", None)
     if run is not None:
         out.update({k: run[k] for k in ("wall_s", "cpu_s", "nfe_teacher", "nfe_student")})
@@ -437,7 +460,8 @@ def summarise(rows: list[dict], keys, by=("setting", "method", "arm")) -> list[d
     return out
 
 
-__all__ = ["SETTINGS", "Reference", "SettingResult", "TeacherSampler", "evaluate_student",
+__all__ = ["SETTINGS", "Reference", "SettingResult", "TeacherSampler", "balanced_labels",
+           "evaluate_student",
            "evaluate_trajectory", "make_backend", "make_reference", "mean_std", "paired_deltas",
            "reference_rows", "run_setting", "save_figures", "summarise", "support_violations",
            "training_state_mismatch"]

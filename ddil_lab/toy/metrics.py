@@ -24,19 +24,56 @@ def nll(x: torch.Tensor, gmm, label=None) -> float:
     return float(-gmm.log_prob(x, label=label).mean())
 
 
-def mode_stats(x: torch.Tensor, gmm, off_mode_sigma: float = 4.0, min_count: int = 1) -> dict:
+def mode_stats(x: torch.Tensor, gmm, off_mode_sigma: float = 4.0, min_count: int = 1,
+               label=None) -> dict:
     """Assign each sample to its most likely component. A sample further than
     ``off_mode_sigma`` (Mahalanobis) from it is off-mode. Coverage: the fraction of modes with
     at least ``min_count`` on-mode samples; TV: total variation between the on-mode histogram
-    and the true weights."""
+    and the true weights.
+
+    With ``label`` (each sample's class) the mixture is read class by class: ``off_mode_class``
+    is the fraction of samples further than ``off_mode_sigma`` from every mode of their *own*
+    class (a sample sitting on another class's mode is on-mode for ``off_mode`` but not here),
+    and ``tv`` is the average over classes of the TV between that class's on-mode histogram and
+    its within-class weights (so unequal class frequencies in the labels do not count)."""
     k, dist = gmm.assign(x)
     on = dist <= off_mode_sigma
     hist = torch.bincount(k[on], minlength=gmm.K).double()
     freq = hist / hist.sum().clamp_min(1)
-    return {"coverage": float((hist >= min_count).double().mean()),
-            "tv": float(0.5 * (freq - gmm.weights).abs().sum()),
-            "off_mode": float((~on).double().mean()),
-            "hist": freq.tolist()}
+    out = {"coverage": float((hist >= min_count).double().mean()),
+           "tv": float(0.5 * (freq - gmm.weights).abs().sum()),
+           "off_mode": float((~on).double().mean()),
+           "hist": freq.tolist()}
+    if label is not None and gmm.labels is not None:
+        label = torch.as_tensor(label).cpu()
+        proj, var, _ = gmm._components(x, None, None)
+        maha = (proj ** 2 / var).sum(-1).sqrt()  # (B, K)
+        own = gmm.labels[None] == label[:, None]
+        out["off_mode_class"] = float((maha.masked_fill(~own, float("inf")).min(1).values
+                                       > off_mode_sigma).double().mean())
+        tvs = []
+        for c in torch.unique(label).tolist():
+            comp = gmm.labels == c
+            h = torch.bincount(k[on & (label == c)], minlength=gmm.K).double()[comp]
+            w = gmm.weights[comp] / gmm.weights[comp].sum()
+            tvs.append(float(0.5 * (h / h.sum().clamp_min(1) - w).abs().sum()))
+        out["tv"] = sum(tvs) / len(tvs)
+    return out
+
+
+def per_class(fn, a: torch.Tensor, b: torch.Tensor, label_a=None, label_b=None) -> float:
+    """``fn(a, b)`` (e.g. MMD or sliced W1) class by class, averaged over the classes of
+    ``label_a`` with equal weight (each class against its own reference samples); pooled when
+    there are no labels."""
+    if label_a is None:
+        return fn(a, b)
+    vals = []
+    for c in torch.unique(label_a):
+        ia, ib = label_a == c, label_b == c
+        if ia.sum() < 2 or ib.sum() < 2:
+            raise ValueError(f"class {int(c)} has fewer than 2 samples in one of the sets")
+        vals.append(fn(a[ia], b[ib]))
+    return sum(vals) / len(vals)
 
 
 def covariate_shift(x_t: torch.Tensor, t: int, gmm, schedule: Schedule, label=None,
@@ -63,11 +100,15 @@ def covariate_shift(x_t: torch.Tensor, t: int, gmm, schedule: Schedule, label=No
                  + gmm.log_prob(ref, tt, schedule, ref_label).mean())
 
 
-def toy_metrics(x: torch.Tensor, gmm, ref: torch.Tensor | None = None) -> dict:
+def toy_metrics(x: torch.Tensor, gmm, ref: torch.Tensor | None = None, label=None,
+                ref_label=None) -> dict:
     """Every sample-quality metric of one set of samples; ``ref`` (e.g. true or teacher
-    samples) adds MMD (x1e3) and sliced W1 (x1e3)."""
-    m = {"nll": nll(x, gmm), **mode_stats(x, gmm)}
+    samples) adds MMD (x1e3; the unbiased estimate of MMD^2, which can be slightly negative
+    when the two sets match) and sliced W1 (x1e3); with labels, both per class (``per_class``)
+    and the class-aware mode statistics."""
+    m = {"nll": nll(x, gmm, label), **mode_stats(x, gmm, label=label)}
     if ref is not None:
-        m["mmd_x1e3"] = 1e3 * mmd(x, ref)
-        m["sw_x1e3"] = 1e3 * sliced_wasserstein(x, ref)
+        rl = label if ref_label is None else ref_label
+        m["mmd_x1e3"] = 1e3 * per_class(mmd, x, ref, label, rl)
+        m["sw_x1e3"] = 1e3 * per_class(sliced_wasserstein, x, ref, label, rl)
     return m

@@ -13,21 +13,27 @@ rollouts) and with or without reflected distillation (x0 clamped to the data sup
 
 Seeds are trained as one batched ensemble (``EnsembleBackend``/``SeedEnsemble``): one
 ``distill`` call whose conditioning routes each state to its seed's student, so the per-step
-overhead is paid once for all seeds. The toy table, the image table and the notebooks all
-train their students through ``train_arm``.
+overhead is paid once for all seeds. Each member's student is built under its own seed, so a
+randomly initialised student's weights follow the run seed (and the baseline and DDIL arms of
+one seed start from the same weights). Several *cells* that share their data (e.g. one mixture
+under several guidance scales, student widths or initialisations) train as one ensemble too
+(``train_cells``). The toy table, the regime map, the image table and the notebooks all train
+their students through ``train_arm`` / ``train_cells``.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from ..backend import Backend
+from ..denoiser import CFG
 from ..methods import make_method
 from ..methods.base import Method
-from ..rollout import StateSampler
+from ..rollout import States, StateSampler
 from ..sampling import Trajectory, take_cond
 from .loop import distill
 
@@ -52,11 +58,17 @@ def method_defaults(method: str, n_steps: int = 4) -> dict:
 
 def make_sampler(method: str, ddil: bool, share: float = 0.5, buffer_size: int = 0,
                  refresh_every: int = 10, refresh_size: int = 0,
-                 source: str | None = None) -> StateSampler:
+                 source: str | None = None, prior_schedule: str = "constant",
+                 ramp_steps: int = 0, p_student: float = 0.5,
+                 renoise: bool = False) -> StateSampler:
     """The StateSampler of an arm. Without DDIL: forward states only. With DDIL: a fraction
     ``share`` of each batch from rollouts (``source``, default ``DDIL_SOURCE[method]``), the
     rest forward; ``buffer_size`` > 0 reuses rollout states through DAgger's aggregation
-    buffer, rolling out ``refresh_size`` new ones every ``refresh_every`` steps."""
+    buffer, rolling out ``refresh_size`` new ones every ``refresh_every`` steps;
+    ``prior_schedule="student_selection"`` starts on data only and ramps to these priors over
+    ``ramp_steps`` training steps (the paper's protocol); ``p_student``: the student's share of
+    the steps of a mixed rollout; ``renoise=True``: ``RenoisedRolloutSampler`` (rollout states
+    re-noised to the method's own forward timesteps)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     if not ddil:
@@ -67,8 +79,55 @@ def make_sampler(method: str, ddil: bool, share: float = 0.5, buffer_size: int =
     allowed = ("beta_teacher_bckwrd", "beta_student_bckwrd", "beta_mixed")
     if source not in allowed:
         raise ValueError(f"source={source!r} is not one of {allowed}")
-    return StateSampler(beta_frwd=1.0 - share, **{source: share}, buffer_size=buffer_size,
-                        refresh_every=refresh_every, refresh_size=refresh_size)
+    cls = RenoisedRolloutSampler if renoise else StateSampler
+    return cls(beta_frwd=1.0 - share, **{source: share}, buffer_size=buffer_size,
+               refresh_every=refresh_every, refresh_size=refresh_size,
+               prior_schedule=prior_schedule, ramp_steps=ramp_steps, p_student=p_student)
+
+
+class RenoisedRolloutSampler(StateSampler):
+    """DDIL's rollouts, re-noised onto the method's training timesteps: each rollout state x_t
+    is mapped to the rolled-out policy's x0 estimate (the student's, for student and mixed
+    rollouts; the teacher's for teacher rollouts), which is diffused again to a timestep drawn
+    uniformly from ``spec.forward_t``, x_t' = alpha(t') x0_hat + sigma(t') eps.
+
+    The states keep the distribution of training timesteps forward states have (LCM: the 50
+    solver times, not the ~10 points of the 3/4/5-step grids) while their x0 comes from where
+    the policy actually goes, which separates "train on the policy's states" from "train at
+    other timesteps" (issue 14, item 8). One extra network call per state."""
+
+    @torch.no_grad()
+    def backward(self, backend, spec, student, source, n, plan=None) -> States:
+        st = super().backward(backend, spec, student, source, n, plan)
+        den = spec.teacher if source == "teacher" else student
+        x0 = den(st.x_t, st.t, st.cond)
+        self.nfe["teacher" if source == "teacher" else "student"] += len(st)
+        t = spec.forward_t[torch.randint(0, len(spec.forward_t), (len(st),))].to(st.x_t.device)
+        x_t = backend.schedule.q_sample(x0.to(st.x_t.dtype), t, torch.randn_like(st.x_t))
+        return States(x_t, t, st.cond, st.source)
+
+
+@dataclass
+class Budget:
+    """The training budget every arm of a comparison shares: gradient steps, states per step
+    per seed, AdamW learning rate, its schedule (linear warmup, then constant / linear /
+    cosine) and gradient clipping (None: off, so ensemble members update exactly as alone)."""
+    steps: int = 300
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup: int = 0
+    grad_clip: float | None = None
+
+    def describe(self) -> str:
+        clip = "no clipping" if self.grad_clip is None else f"grad-norm clip {self.grad_clip:g}"
+        warm = f", {self.warmup} warmup steps" if self.warmup else ""
+        return (f"{self.steps} steps x batch {self.batch_size} per seed, AdamW lr {self.lr:g} "
+                f"({self.lr_schedule}{warm}), {clip}")
+
+    def train_kw(self) -> dict:
+        """The keywords of ``train_arm`` / ``train_cells``."""
+        return asdict(self)
 
 
 def make_arm(method: str, arm: str, n_steps: int = 4, method_kw: dict | None = None,
@@ -115,30 +174,81 @@ class SeedEnsemble(nn.Module):
 
 
 class _Teacher(nn.Module):
-    """The base backend's teacher, fed the real conditioning and counted."""
+    """The members' teachers, fed the real conditioning and counted. One shared teacher is
+    called once; members whose teachers guide one conditional denoiser with different scales
+    w (``CFG``; an unguided member has w = 1) share its two calls per batch, x0_u + w_m (x0_c -
+    x0_u) with each sample's member's w_m; other teachers are called on their members' rows."""
 
-    def __init__(self, teacher, counter: NFECounter):
+    def __init__(self, teachers: list, counter: NFECounter):
         super().__init__()
-        self.teacher, self.counter = teacher, counter
+        self.counter = counter
+        self.teacher = teachers[0]  # registered as a submodule, as a single teacher always was
+        self.teachers = nn.ModuleList(teachers) if all(isinstance(t, nn.Module) for t in
+                                                       teachers) else list(teachers)
+        inner = [t.denoiser if isinstance(t, CFG) and t.w is not None else t for t in teachers]
+        self.shared = all(t is teachers[0] for t in teachers)
+        self.fused = not self.shared and all(i is inner[0] for i in inner)
+        if self.fused:
+            self.inner = inner[0]
+            self.uncond = next(t.uncond for t in teachers if isinstance(t, CFG))
+            self.register_buffer("w", torch.tensor(
+                [float(t.w) if isinstance(t, CFG) else 1.0 for t in teachers]), persistent=False)
 
     def forward(self, x_t, t, cond):
         self.counter["teacher"] = self.counter.get("teacher", 0) + x_t.shape[0]
-        return self.teacher(x_t, t, cond["c"])
+        c = cond["c"]
+        if self.shared:
+            return self.teacher(x_t, t, c)
+        if self.fused:
+            x0 = self.inner(x_t, t, c)
+            w = self.w.to(x0.device)[cond["m"]]
+            g = (w != 1.0).nonzero().squeeze(1)  # unguided rows need no unconditional call
+            if len(g):
+                x0_c = x0[g]
+                x0_u = self.inner(x_t[g], t[g], self.uncond(take_cond(c, g)))
+                x0 = x0.clone()
+                x0[g] = x0_u + w[g].reshape(-1, *([1] * (x0.ndim - 1))) * (x0_c - x0_u)
+            return x0
+        out = None
+        for k, teacher in enumerate(self.teachers):  # rows of each member (groups of one teacher)
+            idx = (cond["m"] == k).nonzero().squeeze(1)
+            if len(idx):
+                y = teacher(x_t[idx], t[idx], take_cond(c, idx))
+                out = y.new_empty((x_t.shape[0], *y.shape[1:])) if out is None else out
+                out[idx] = y
+        return out
 
 
 class EnsembleBackend(Backend):
     """A backend view that trains ``members`` students (and critics) as one ``SeedEnsemble``;
     every conditioning it hands out is ``{"m": member, "c": base conditioning}``. With
-    members=1 it is the base backend plus network-evaluation counting."""
+    members=1 it is the base backend plus network-evaluation counting.
 
-    def __init__(self, base: Backend, members: int = 1):
+    :param seeds: one seed per member: member k's student (and critic) is built under
+        ``torch.manual_seed(seeds[k])`` (the global stream is restored afterwards), so random
+        initialisations follow the run seed; copies of a pretrained network are unaffected.
+    :param bases: one backend per member (cells of a map trained as one ensemble): member k's
+        student, critic and teacher come from ``bases[k]``; data, noise, schedule and support
+        come from ``base``, which all of them must share.
+    """
+
+    def __init__(self, base: Backend, members: int = 1, seeds=None, bases=None):
         if not isinstance(members, int) or members < 1:
             raise ValueError(f"members={members!r} must be a positive int")
-        self.base, self.members = base, members
+        bases = list(bases) if bases is not None else [base] * members
+        if len(bases) != members:
+            raise ValueError(f"bases has {len(bases)} backends for members={members}")
+        if seeds is not None and len(seeds) != members:
+            raise ValueError(f"seeds={list(seeds)} must name one seed per member ({members})")
+        for b in bases:
+            if b.shape != base.shape or b.schedule.T != base.schedule.T:
+                raise ValueError("every member backend must share the base's shape and schedule")
+        self.base, self.members, self.bases = base, members, bases
+        self.seeds = list(seeds) if seeds is not None else None
         self.counter = NFECounter()
         self.schedule, self.support, self.shape = base.schedule, base.support, base.shape
         self.has_data = base.has_data
-        self.teacher = _Teacher(base.teacher, self.counter)
+        self.teacher = _Teacher([b.teacher for b in bases], self.counter)
 
     def _wrap(self, c, n):
         return {"m": torch.arange(n) % self.members, "c": c}
@@ -153,12 +263,20 @@ class EnsembleBackend(Backend):
     def sample_noise(self, n, generator=None):
         return self.base.sample_noise(n, generator)
 
+    def _build(self, k: int, kind: str) -> nn.Module:
+        make = getattr(self.bases[k], kind)
+        if self.seeds is None:
+            return make()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seeds[k])
+            return make()
+
     def make_student(self):
-        return SeedEnsemble([self.base.make_student() for _ in range(self.members)],
+        return SeedEnsemble([self._build(k, "make_student") for k in range(self.members)],
                             self.counter, "student")
 
     def make_critic(self):
-        return SeedEnsemble([self.base.make_critic() for _ in range(self.members)],
+        return SeedEnsemble([self._build(k, "make_critic") for k in range(self.members)],
                             self.counter, "critic")
 
 
@@ -187,13 +305,16 @@ def train_arm(backend: Backend, method: str, arm: str, seeds=(0, 1, 2), steps: i
 
     ensemble=True trains all seeds in one ``distill`` call (batch ``len(seeds) * batch_size``,
     each member seeing its own ``batch_size`` states per step on average; seeds[0] seeds the
-    run); ensemble=False runs ``distill`` once per seed. Each view's ``run`` dict holds the
-    training wall and CPU seconds (of the whole call, shared by an ensemble's members), the
-    network evaluations per training sample (``nfe_teacher``, ``nfe_student``: student, EMA
-    target and critic), and the history. Buffer sizes in ``sampler_kw`` are per member.
+    run, and member k's student is built under seed seeds[k]); ensemble=False runs ``distill``
+    once per seed. Each view's ``run`` dict holds the training wall and CPU seconds (of the
+    whole call, shared by an ensemble's members), the network evaluations per training sample
+    (``nfe_teacher``, ``nfe_student``: student, EMA target and critic), and the history.
+    ``sampler_kw`` go to ``make_sampler`` (buffer sizes are per member; ``prior_schedule`` and
+    ``ramp_steps`` set the student-selection ramp; ``source``, ``share``, ``renoise``).
     ``grad_clip`` is off by default: clipping the joint gradient norm would couple the members,
     while without it each member's AdamW update is the one it would get alone (Adam does not
-    see the 1/M scale of the ensemble's mean loss).
+    see the 1/M scale of the ensemble's mean loss). Other keywords (``lr_schedule``,
+    ``warmup``, ...) go to ``distill``; ``Budget.train_kw()`` gives the shared ones.
     """
     seeds = list(seeds)
     if not seeds:
@@ -201,25 +322,46 @@ def train_arm(backend: Backend, method: str, arm: str, seeds=(0, 1, 2), steps: i
     groups = [seeds] if ensemble else [[s] for s in seeds]
     views = []
     for group in groups:
-        M = len(group)
-        skw = dict(sampler_kw or {})
-        for k in ("buffer_size", "refresh_size"):
-            skw[k] = skw.get(k, 0) * M
-        m, sampler = make_arm(method, arm, n_steps, method_kw, **skw)
-        view = EnsembleBackend(backend, M)
-        wall, cpu = time.perf_counter(), time.process_time()
-        res = distill(view, m, sampler, steps=steps, batch_size=batch_size * M, lr=lr,
-                      grad_clip=grad_clip, seed=group[0], progress=progress, **distill_kw)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        per = steps * batch_size * M
-        run = {"wall_s": wall, "cpu_s": cpu, "members": M, "history": res.history,
-               "sampler": sampler,
-               "nfe_teacher": view.counter.get("teacher", 0) / per,
-               "nfe_student": (view.counter.get("student", 0)
-                               + view.counter.get("critic", 0)) / per}
-        views += [MemberView(res.method, k, s, run) for k, s in enumerate(group)]
+        views += train_cells([backend], method, arm, group, steps, batch_size, lr, n_steps,
+                             method_kw, sampler_kw, grad_clip, progress, **distill_kw)[0]
     return views
 
 
-__all__ = ["ARMS", "DDIL_SOURCE", "METHODS", "EnsembleBackend", "MemberView", "NFECounter",
-           "SeedEnsemble", "make_arm", "make_sampler", "method_defaults", "train_arm"]
+def train_cells(backends: list, method: str, arm: str, seeds=(0, 1, 2), steps: int = 300,
+                batch_size: int = 256, lr: float = 1e-3, n_steps: int = 4,
+                method_kw: dict | None = None, sampler_kw: dict | None = None,
+                grad_clip: float | None = None, progress: bool = False,
+                **distill_kw) -> list[list[MemberView]]:
+    """Train one arm for every (cell, seed) in one ``distill`` call and return, per cell, one
+    ``MemberView`` per seed. ``backends`` are the cells: they must share their data (the first
+    one's ``sample_data`` feeds every member) and may differ in the teacher (e.g. its guidance
+    scale: guided teachers around one conditional denoiser share its calls) and in the student
+    they make (width, initialisation, parameterisation). Members are ordered cell-major; member
+    (i, s) is built under seed s, so cell i's seed s is paired across arms. See ``train_arm``."""
+    seeds, backends = list(seeds), list(backends)
+    if not seeds or not backends:
+        raise ValueError("train_cells needs at least one backend and one seed")
+    M = len(backends) * len(seeds)
+    skw = dict(sampler_kw or {})
+    for k in ("buffer_size", "refresh_size"):
+        skw[k] = skw.get(k, 0) * M
+    m, sampler = make_arm(method, arm, n_steps, method_kw, **skw)
+    view = EnsembleBackend(backends[0], M, seeds=seeds * len(backends),
+                           bases=[b for b in backends for _ in seeds])
+    wall, cpu = time.perf_counter(), time.process_time()
+    res = distill(view, m, sampler, steps=steps, batch_size=batch_size * M, lr=lr,
+                  grad_clip=grad_clip, seed=seeds[0], progress=progress, **distill_kw)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    per = steps * batch_size * M
+    run = {"wall_s": wall, "cpu_s": cpu, "members": M, "history": res.history,
+           "sampler": sampler,
+           "nfe_teacher": view.counter.get("teacher", 0) / per,
+           "nfe_student": (view.counter.get("student", 0)
+                           + view.counter.get("critic", 0)) / per}
+    return [[MemberView(res.method, i * len(seeds) + k, s, run) for k, s in enumerate(seeds)]
+            for i in range(len(backends))]
+
+
+__all__ = ["ARMS", "DDIL_SOURCE", "METHODS", "Budget", "EnsembleBackend", "MemberView",
+           "NFECounter", "RenoisedRolloutSampler", "SeedEnsemble", "make_arm", "make_sampler",
+           "method_defaults", "train_arm", "train_cells"]

@@ -5,8 +5,12 @@ optimizer moments, RNG states, the aggregation buffer) and ``meta.json`` (step, 
 history, optimizer hyper-parameters, and the SHA-256 of the tensor file). It is written into a
 temporary folder and renamed into place, so a crash while saving never leaves a half-written
 checkpoint under a final name and never touches the previous one; ``latest`` only ever names a
-complete checkpoint. On resume a checkpoint that fails to load or to match its checksum is
-skipped with a warning, and the newest good one is used (``load_latest``).
+complete checkpoint. On resume a checkpoint that fails to load, to match its checksums (of the
+tensor file and of ``meta.json`` itself) or to pass the checks of its metadata (``check_meta``)
+is corrupt: it is skipped with a warning, and the newest good one is used (``load_latest``).
+A save that fails (a full disk, say) raises ``CheckpointError`` naming the folder and the step,
+and removes its partial temporary folder at once; when the disk is short of room for the new
+checkpoint, the old ones that this save would prune anyway are pruned first.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 TENSORS, META, LATEST = "tensors.safetensors", "meta.json", "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(ValueError):
@@ -109,6 +114,38 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
+def meta_digest(meta: dict) -> str:
+    """SHA-256 of ``meta`` (canonical JSON, without its own ``meta_sha256``)."""
+    body = json.dumps({k: v for k, v in meta.items() if k != "meta_sha256"}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def first_nonfinite(obj, prefix: str = "s") -> str | None:
+    """The key of the first floating tensor in a nested state holding NaN or inf, else None."""
+    if torch.is_tensor(obj):
+        bad = obj.is_floating_point() and not bool(torch.isfinite(obj).all())
+        return prefix if bad else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) \
+        if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = first_nonfinite(v, f"{prefix}.{k}")
+        if found:
+            return found
+    return None
+
+
+def _make_room(root: str, keep: int, need: int) -> None:
+    """Prune first the checkpoints this save would prune afterwards (never the newest), when
+    the disk is short of ``need`` bytes: then the disk must hold ``keep`` checkpoints, not
+    ``keep`` + 1 (with keep=1 it still needs 2: the newest stays until the new one is in)."""
+    if not keep or shutil.disk_usage(root).free >= need:
+        return
+    for old in reversed(checkpoints(root)[max(keep - 1, 1):]):  # oldest first
+        shutil.rmtree(old, ignore_errors=True)
+        if shutil.disk_usage(root).free >= need:
+            return
+
+
 def save_checkpoint(root: str, step: int, state: dict, meta: dict, keep: int = 2) -> str:
     """Atomically write ``state`` (nested tensors/values) and ``meta`` to root/step_XXXXXXX and
     point ``root/latest`` at it; keep the newest ``keep`` checkpoints (0: all)."""
@@ -118,15 +155,28 @@ def save_checkpoint(root: str, step: int, state: dict, meta: dict, keep: int = 2
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     tensors: dict = {}
     skeleton = flatten_state("s", state, tensors)
-    tmp = tempfile.mkdtemp(prefix=".tmp_ckpt_", dir=root)
-    save_file(unshare(tensors), os.path.join(tmp, TENSORS))
-    digest = _sha256(os.path.join(tmp, TENSORS))
-    with open(os.path.join(tmp, META), "w") as f:
-        json.dump({"step": step, "tensors_sha256": digest, "state": skeleton, **meta}, f)
-    for name in os.listdir(tmp):  # flush file contents before the rename makes them visible
-        with open(os.path.join(tmp, name), "rb") as fh:
-            os.fsync(fh.fileno())
+    tensors = unshare(tensors)
     final, old = os.path.join(root, f"step_{step:07d}"), None
+    full = {"step": step, "tensors_sha256": None, "state": skeleton, **meta}
+    need = sum(t.numel() * t.element_size() for t in tensors.values()) + \
+        2 * len(json.dumps(full)) + (64 << 10)  # + headers
+    _make_room(root, keep, need)
+    tmp = tempfile.mkdtemp(prefix=".tmp_ckpt_", dir=root)
+    try:
+        save_file(tensors, os.path.join(tmp, TENSORS))
+        full["tensors_sha256"] = _sha256(os.path.join(tmp, TENSORS))
+        full["meta_sha256"] = meta_digest(full)
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump(full, f)
+        for name in os.listdir(tmp):  # flush file contents before the rename makes them visible
+            with open(os.path.join(tmp, name), "rb") as fh:
+                os.fsync(fh.fileno())
+    except Exception as e:  # e.g. safetensors' "No space left on device"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} to {final} ({type(e).__name__}: "
+            f"{e}); its partial folder was removed, the earlier checkpoints in {root} are "
+            "untouched") from e
     if os.path.exists(final):  # move an old one of the same step aside: the rename needs the name
         old = tempfile.mkdtemp(prefix=".old_ckpt_", dir=root)
         os.replace(final, os.path.join(old, "ckpt"))
@@ -172,18 +222,55 @@ def latest_checkpoint(root: str) -> str | None:
     return found[0] if found else None
 
 
+def check_meta(path: str, meta) -> None:
+    """The metadata every checkpoint written here has; anything else means a corrupt (or
+    tampered) checkpoint: raises ``CheckpointError`` saying what is wrong."""
+    def bad(what):
+        raise CheckpointError(f"{META}: {what}")
+
+    if not isinstance(meta, dict):
+        bad(f"holds a {type(meta).__name__}, not a mapping")
+    for key, kind in (("step", int), ("tensors_sha256", str), ("meta_sha256", str),
+                      ("state", dict), ("config", dict), ("history", list), ("skipped", int)):
+        if key not in meta:
+            bad(f"{key!r} is missing (distill records it in every checkpoint; one written "
+                "before these checks lacks meta_sha256)")
+        v = meta[key]
+        if not isinstance(v, kind) or isinstance(v, bool):
+            bad(f"{key}={v!r:.80} is a {type(v).__name__}, not a {kind.__name__}")
+    step = meta["step"]
+    if step < 1 or meta["skipped"] < 0:
+        bad(f"step={step}, skipped={meta['skipped']}: a step >= 1 and skipped >= 0 expected")
+    m = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    if m and int(m.group(1)) != step:
+        bad(f"step={step} disagrees with the folder name {os.path.basename(path)}")
+    for key in ("tensors_sha256", "meta_sha256"):
+        if not _SHA256.match(meta[key]):
+            bad(f"{key}={meta[key]!r:.80} is not a SHA-256 hex digest")
+    for h in meta["history"]:
+        if not (isinstance(h, dict) and isinstance(h.get("step"), int)
+                and not isinstance(h["step"], bool) and 1 <= h["step"] <= step):
+            bad(f"history entry {h!r:.80} is not a record of a step in [1, {step}]")
+    if meta_digest(meta) != meta["meta_sha256"]:
+        bad("does not match its recorded SHA-256 (meta_sha256): it was changed after writing")
+
+
 def load_checkpoint(path: str) -> tuple[dict, dict]:
     """(state, meta) of a checkpoint folder. Raises ``CheckpointError`` on a corrupt or partial
-    one (unreadable files, or tensors that do not match the recorded SHA-256)."""
+    one (unreadable files, metadata that fails ``check_meta``, or tensors that do not match the
+    recorded SHA-256)."""
     try:
         with open(os.path.join(path, META)) as f:
             meta = json.load(f)
+        check_meta(path, meta)
         tensor_file = os.path.join(path, TENSORS)
-        want = meta.get("tensors_sha256")
-        if want is not None and _sha256(tensor_file) != want:
+        if _sha256(tensor_file) != meta["tensors_sha256"]:
             raise CheckpointError(f"{TENSORS} does not match the SHA-256 recorded in {META}")
         tensors = load_file(tensor_file)
         state = unflatten_state(meta.pop("state"), tensors)
+        bad = first_nonfinite(state)
+        if bad:  # distill never writes one: a tampered file or an older version's checkpoint
+            raise CheckpointError(f"{bad} holds NaN or inf")
     except Exception as e:  # any unreadable piece means the checkpoint is unusable
         raise CheckpointError(f"checkpoint {path} is corrupt or incomplete: {e}") from e
     return state, meta

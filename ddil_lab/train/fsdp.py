@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..validation import ConfigError
 from .checkpoint import map_tensors
 
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
@@ -69,17 +70,17 @@ def settings_from(accelerator) -> FSDPSettings | None:
 
     version = int(setting("FSDP_VERSION", "fsdp_version", 1) or 1)
     if version != 2:
-        raise ValueError(f"fsdp_version={version} is not allowed: distill shards with FSDP2 "
+        raise ConfigError(f"fsdp_version={version} is not allowed: distill shards with FSDP2 "
                          "(torch fully_shard); allowed: fsdp_version: 2 in the accelerate config "
                          "(see experiments/configs/accelerate_fsdp.yaml)")
     for env_name, what in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
                            ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
         if _flag(env(env_name, "false")):
-            raise ValueError(f"{what}=true is not supported by distill; allowed: false "
+            raise ConfigError(f"{what}=true is not supported by distill; allowed: false "
                              "(for activation memory use the backend's gradient checkpointing)")
     policy = str(env("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")).upper()
     if policy not in WRAP_POLICIES:
-        raise ValueError(f"fsdp_auto_wrap_policy={policy!r} is not allowed; allowed: "
+        raise ConfigError(f"fsdp_auto_wrap_policy={policy!r} is not allowed; allowed: "
                          f"{WRAP_POLICIES}")
     classes = setting("FSDP_TRANSFORMER_CLS_TO_WRAP", "transformer_cls_names_to_wrap", ()) or ()
     if isinstance(classes, str):

@@ -22,6 +22,7 @@ every process follows one shared plan of rollouts.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -35,17 +36,15 @@ from torch import nn
 
 from ..methods.base import Method
 from ..rollout import SOURCES, StateSampler
-from .checkpoint import CheckpointError, checkpoints, load_latest, save_checkpoint
+from ..validation import check_bool, check_choice, check_int, check_number, fail
+from .args import LR_SCHEDULES, check_distill_args, check_parts
+from .checkpoint import CheckpointError, checkpoints, first_nonfinite, load_latest, save_checkpoint
 from .fsdp import Sharded, full, full_state, load_module, load_optimizer, local, swap_modules
 from .processes import (Processes, load_process_state, plan_seed, process_state, rank_seed,
                         seed_everything)
+from .resume import apply_settings, backend_identity, check_resumable
 
-LR_SCHEDULES = ("constant", "linear", "cosine")
-ON_NONFINITE = ("raise", "skip")
 LOG_FILE = "history.jsonl"
-# settings a resumed run must share with the checkpoint it resumes (else it is another run)
-RESUME_MUST_MATCH = ("method", "method_config", "sampler", "batch_size", "seed", "num_processes",
-                     "shared_plan")
 
 
 class NonFiniteError(FloatingPointError):
@@ -61,8 +60,7 @@ class EMA:
     """Exponential moving average of a module's parameters (a frozen copy)."""
 
     def __init__(self, module: nn.Module, decay: float):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema_decay={decay} must be in [0, 1)")
+        check_number("ema_decay", decay, 0.0, 1.0, hi_open=True)
         self.decay = decay
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
 
@@ -74,8 +72,7 @@ class EMA:
 
 def lr_lambda(kind: str, warmup: int, steps: int) -> Callable[[int], float]:
     """Linear warmup over ``warmup`` steps, then constant / linear decay / cosine decay to 0."""
-    if kind not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule={kind!r} is not one of {LR_SCHEDULES}")
+    check_choice("lr_schedule", kind, LR_SCHEDULES)
 
     def f(step: int) -> float:
         if step < warmup:
@@ -87,61 +84,6 @@ def lr_lambda(kind: str, warmup: int, steps: int) -> Callable[[int], float]:
     return f
 
 
-def check_distill_args(steps: int = 1000, batch_size: int = 256, lr: float = 1e-4,
-                       critic_lr: float | None = None, weight_decay: float = 0.0, warmup: int = 0,
-                       lr_schedule: str = "constant", grad_clip: float | None = 1.0,
-                       ema_decay: float | None = None, seed: int = 0, out_dir: str | None = None,
-                       ckpt_every: int = 0, resume: bool = False, on_nonfinite: str = "raise",
-                       eval_every: int = 0, log_every: int = 1, keep_checkpoints: int = 2,
-                       num_processes: int = 1, shard_optimizer: bool = False,
-                       shared_plan: bool | None = None, fsdp: bool = False) -> None:
-    """Check ``distill``'s settings before any work starts; raise ``ValueError`` naming the
-    parameter, its value and what is allowed."""
-    def need(ok, name, value, allowed, why=""):
-        if not ok:
-            raise ValueError(f"{name}={value!r} is not allowed{': ' + why if why else ''}; "
-                             f"allowed: {allowed}")
-
-    def pos_int(x):
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-    def nonneg_int(x):
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-    def number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    need(pos_int(steps), "steps", steps, "a positive int")
-    need(pos_int(batch_size), "batch_size", batch_size, "a positive int")
-    need(pos_int(num_processes), "num_processes", num_processes, "a positive int")
-    need(number(lr) and lr > 0, "lr", lr, "a number > 0")
-    need(critic_lr is None or (number(critic_lr) and critic_lr > 0), "critic_lr", critic_lr,
-         "None (= lr) or a number > 0")
-    need(number(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, "a number >= 0")
-    need(nonneg_int(warmup), "warmup", warmup, "an int >= 0")
-    need(lr_schedule in LR_SCHEDULES, "lr_schedule", lr_schedule, f"one of {LR_SCHEDULES}")
-    need(grad_clip is None or (number(grad_clip) and grad_clip > 0), "grad_clip", grad_clip,
-         "None (no clipping) or a number > 0")
-    need(ema_decay is None or (number(ema_decay) and 0 <= ema_decay < 1), "ema_decay", ema_decay,
-         "None (no EMA) or a number in [0, 1)")
-    need(isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an int")
-    need(on_nonfinite in ON_NONFINITE, "on_nonfinite", on_nonfinite, f"one of {ON_NONFINITE}")
-    for name, v in (("ckpt_every", ckpt_every), ("eval_every", eval_every),
-                    ("keep_checkpoints", keep_checkpoints)):
-        need(nonneg_int(v), name, v, "an int >= 0")
-    need(pos_int(log_every), "log_every", log_every, "a positive int")
-    need(isinstance(shard_optimizer, bool), "shard_optimizer", shard_optimizer, "True or False")
-    need(shared_plan in (None, True, False), "shared_plan", shared_plan, "None, True or False")
-    need(not (fsdp and shard_optimizer), "shard_optimizer", shard_optimizer, "False under FSDP",
-         "FSDP already shards the optimizer state (and the parameters and gradients)")
-    need(not (fsdp and shared_plan is False), "shared_plan", shared_plan, "None or True under FSDP",
-         "sharded modules are called collectively, so every process must follow one plan")
-    need(bool(out_dir) or not (ckpt_every or resume), "out_dir", out_dir,
-         "a folder for checkpoints", "ckpt_every > 0 or resume=True writes / reads checkpoints")
-    need(batch_size % num_processes == 0, "batch_size", batch_size,
-         f"a multiple of num_processes={num_processes}", "each process draws an equal share")
-
-
 @dataclass
 class DistillResult:
     method: Method
@@ -151,6 +93,8 @@ class DistillResult:
     out_dir: str | None = None
     wall_time: float = 0.0
     skipped: int = 0  # updates skipped because a loss or gradient was non-finite
+    skipped_steps: int = 0  # steps in which at least one update was skipped
+    resumes: list = field(default_factory=list)  # settings changed on resume (meta "resumes")
     checkpoints: list = field(default_factory=list)  # checkpoint folders this process wrote
     resumed_from: str | None = None  # the checkpoint this run continued from
     last_checkpoint: str | None = None  # the newest checkpoint of this run (any process)
@@ -220,60 +164,80 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
             on_nonfinite: str = "raise", callbacks: tuple = (), eval_every: int = 0,
             progress: bool = True, log_every: int = 1, keep_checkpoints: int = 2,
             shard_optimizer: bool = False, accelerator=None,
-            optimizer_class=None, shared_plan: bool | None = None) -> DistillResult:
+            optimizer_class=None, shared_plan: bool | None = None,
+            max_consecutive_skips: int = 5, max_skips: int | None = None) -> DistillResult:
     """Distil ``backend.teacher`` into a student with ``method``, on states from ``sampler``.
+
+    Every argument is checked before any work starts (``ConfigError``, a ``ValueError``, naming
+    the parameter, its value and what is allowed).
 
     :param sampler: where states come from; None = forward diffusion only (no DDIL).
     :param steps: training steps (one student update each; DMD2 adds critic updates).
     :param batch_size: the global batch: with N processes each draws batch_size / N states.
-    :param lr, critic_lr: AdamW learning rates of the student and of any critic group.
+    :param lr, critic_lr: AdamW learning rates of the student and of any critic group (in
+        (0, 1]).
     :param warmup, lr_schedule: linear warmup steps, then "constant", "linear" or "cosine".
-    :param ema_decay: EMA of the student (None: off; ``result.student`` is then the raw one).
+    :param ema_decay: EMA of the student, in (0, 1) (None: off; ``result.student`` is then the
+        raw one).
     :param out_dir: where checkpoints and the log (``history.jsonl``) go; ``ckpt_every`` > 0
         writes a checkpoint every k steps and at the end (the newest ``keep_checkpoints`` are
         kept); ``resume=True`` continues from the newest good checkpoint in out_dir, bit for bit.
+        A resumed run refuses a checkpoint of another run and applies changed optimizer
+        settings on purpose, with a warning, recording them (``ddil_lab.train.resume``).
     :param on_nonfinite: "raise" (stop with ``NonFiniteError`` naming the step, method, term and
-        state sources; the last good checkpoint is kept) or "skip" (skip that update, count it in
-        ``result.skipped`` and the step's ``history`` entry).
-    :param callbacks: functions ``f(step, result)`` called every ``eval_every`` steps (on
-        process 0 only; under FSDP on every process, since calling the sharded student is a
-        collective).
+        state sources; the newest checkpoint is kept) or "skip" (skip that update, count it in
+        ``result.skipped`` and the step's ``history`` entry). Skipping is bounded: more than
+        ``max_consecutive_skips`` steps in a row with a skipped update, or more than
+        ``max_skips`` such steps in all (None: max(10, steps // 10)), stop the run with
+        ``NonFiniteError``. A checkpoint is never written from a non-finite state.
+    :param callbacks: functions ``f(step, result)`` called every ``eval_every`` steps (which
+        must then be >= 1; on process 0 only; under FSDP on every process, since calling the
+        sharded student is a collective).
     :param optimizer_class: the optimizer (default ``torch.optim.AdamW``), e.g.
-        ``bitsandbytes.optim.AdamW8bit`` for 8-bit Adam; it is called as ``cls(params, lr=...,
-        weight_decay=...)``.
+        ``bitsandbytes.optim.AdamW8bit`` for 8-bit Adam; a ``torch.optim.Optimizer`` subclass
+        called as ``cls(params, lr=..., weight_decay=...)``.
     :param shard_optimizer: with several processes, each keeps the AdamW moments of only its
         share of the parameters (ZeRO stage 1, ``ZeroRedundancyOptimizer``): the memory that lets
         SDXL-size students (and DMD2's critic) train on 80 GB GPUs. Checkpoints hold the full
         optimizer state either way, so a run may resume with the other setting.
     :param accelerator: an ``accelerate.Accelerator`` for runs under ``accelerate launch``
         (several processes: gradients averaged across them, see the module docstring). With an
-        FSDP config the trained and kept modules are sharded (``ddil_lab.train.fsdp``); the result then
-        holds ordinary, gathered modules again.
+        FSDP config the trained and kept modules are sharded (``ddil_lab.train.fsdp``); the result
+        then holds ordinary, gathered modules again.
     :param shared_plan: draw each batch's structure (states per source, rollout grid, mixed-step
         choices) from a stream shared by all processes (seeded by seed and step) instead of each
         process's own. None: only under FSDP, which needs it.
+
+    ``history`` counts network evaluations (per state; a guided teacher call counts once):
+    ``nfe/teacher`` and ``nfe/student`` in the sampler's rollouts, ``nfe/teacher_target`` in
+    the method's own targets (PD: substeps per state; LCM and DMD2: one per state).
     """
     from tqdm.auto import tqdm
 
+    check_parts(backend, method, sampler, optimizer_class, accelerator)
     procs = Processes(accelerator)
-    sampler = sampler or StateSampler()
     check_distill_args(
         steps=steps, batch_size=batch_size, lr=lr, critic_lr=critic_lr, weight_decay=weight_decay,
         warmup=warmup, lr_schedule=lr_schedule, grad_clip=grad_clip, ema_decay=ema_decay,
         seed=seed, out_dir=out_dir, ckpt_every=ckpt_every, resume=resume,
         on_nonfinite=on_nonfinite, eval_every=eval_every, log_every=log_every,
         keep_checkpoints=keep_checkpoints, num_processes=procs.world,
-        shard_optimizer=shard_optimizer, shared_plan=shared_plan, fsdp=procs.fsdp is not None)
+        shard_optimizer=shard_optimizer, shared_plan=shared_plan, fsdp=procs.fsdp is not None,
+        progress=progress, callbacks=callbacks, max_consecutive_skips=max_consecutive_skips,
+        max_skips=max_skips)
+    sampler = sampler or StateSampler()
     shared_plan = procs.fsdp is not None if shared_plan is None else shared_plan
+    skip_limit = max_skips if max_skips is not None else max(10, steps // 10)
     sampler.check_backend(backend)
     local_batch = batch_size // procs.world
 
     seed_everything(seed)
     method.setup(backend)
     spec = method.spec()
+    sampler.check_spec(spec)
     groups = method.trainable()
     procs.broadcast_modules(method.modules())
-    ema = EMA(method.student, ema_decay) if ema_decay else None
+    ema = EMA(method.student, ema_decay) if ema_decay is not None else None
     sharded = None
     if procs.fsdp is not None:  # parameters are replaced by shards: collect them afterwards
         sharded = Sharded(list(method.modules().values()) + ([ema.module] if ema else []),
@@ -291,14 +255,21 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
     result.ema = ema
     if procs.rank > 0:  # each process draws its own share of the batch
         seed_everything(rank_seed(seed, procs.rank))
+    checkpointing = bool(out_dir) and bool(ckpt_every or resume)
     config = _jsonable({
         "method": method.name, "method_config": method.config(),
         "sampler": {k: v for k, v in vars(sampler).items()
                     if isinstance(v, (int, float, str, bool, type(None)))},
         "steps": steps, "batch_size": batch_size, "lr": lr, "critic_lr": critic_lr,
+        "weight_decay": weight_decay, "warmup": warmup, "lr_schedule": lr_schedule,
+        "grad_clip": grad_clip, "on_nonfinite": on_nonfinite,
+        "max_consecutive_skips": max_consecutive_skips, "max_skips": max_skips,
         "seed": seed, "priors": sampler.priors, "ema_decay": ema_decay,
         "num_processes": procs.world, "shared_plan": shared_plan,
-        "fsdp": procs.fsdp is not None})
+        "fsdp": procs.fsdp is not None, "shard_optimizer": shard_optimizer,
+        "optimizer": (optimizer_class or torch.optim.AdamW).__qualname__,
+        # the backend's identity costs one teacher call on a probe batch: only when it is kept
+        "backend": backend_identity(backend, method.teacher) if checkpointing else None})
 
     def shared_state() -> dict:  # identical on every process
         st = {"modules": {k: m.state_dict() for k, m in method.modules().items()},
@@ -308,27 +279,39 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
             st["ema"] = result.ema.module.state_dict()
         return st
 
-    start = 0
+    start, consecutive = 0, 0
     found = load_latest(out_dir) if (resume and out_dir) else None
     if found is not None:
         path, st, meta = found
-        _check_resumable(path, meta, config, st, result.ema is not None)
+        changed = check_resumable(path, meta, config, st, method.modules(), groups,
+                                  result.ema is not None, procs.world)
         for k, m in method.modules().items():
             load_module(m, st["modules"][k])
         for g, o in opts.items():
             load_optimizer(o, st["opt"][g])
-        for g, s in scheds.items():  # the lr of this step under this run's schedule
+        for g, s in scheds.items():
             s.load_state_dict(st["sched"][g])
-            for pg, base, lam in zip(opts[g].param_groups, s.base_lrs, s.lr_lambdas):
-                pg["lr"] = base * lam(s.last_epoch)
-            s._last_lr = [pg["lr"] for pg in opts[g].param_groups]
+        apply_settings(opts, scheds, lr, critic_lr, weight_decay)  # this run's, on purpose
         if result.ema is not None:
             load_module(result.ema.module, st["ema"])
         device = next(method.student.parameters()).device  # where states live in this run
-        load_process_state(sampler, st["processes"][procs.rank], device)
-        result.history, result.skipped = meta["history"], meta.get("skipped", 0)
+        load_process_state(sampler, method, st["processes"][procs.rank], device)
+        result.history, result.skipped = meta["history"], meta["skipped"]
+        result.skipped_steps = meta.get("skipped_steps", 0)
+        consecutive = meta.get("consecutive_skips", 0)
+        result.resumes = list(meta.get("resumes", []))
         result.resumed_from = result.last_checkpoint = path
         start = meta["step"]
+        if changed:
+            result.resumes.append({"step": start, "from": path, "changed": changed})
+            # extending a constant-schedule run changes nothing that is already trained
+            quiet = set(changed) == {"steps"} and lr_schedule == "constant"
+            if procs.is_main and not quiet:
+                warnings.warn(f"resuming {path} at step {start} with changed settings, applied "
+                              "from this step on and recorded in the checkpoints' meta.json "
+                              "('resumes'): " + ", ".join(f"{k}: {a!r} -> {b!r}"
+                                                          for k, (a, b) in changed.items()),
+                              stacklevel=2)
     if start == 0 and ckpt_every and procs.is_main and checkpoints(out_dir):
         warnings.warn(f"out_dir={out_dir!r} holds checkpoints of an earlier run; this run's "
                       "will sit beside them. Pass resume=True to continue that run, or use a "
@@ -340,13 +323,27 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
 
     def checkpoint(step):
         procs.consolidate(opts.values())
-        per_process = procs.gather_states(process_state(sampler))
+        per_process = procs.gather_states(process_state(sampler, method))
         shared = full_state(shared_state()) if sharded is not None else None  # collective
+        bad = None
         if procs.is_main:
             shared = shared_state() if shared is None else shared
+            bad = first_nonfinite({**shared, "processes": per_process})
+        flag = torch.tensor([int(bad is not None)], device=procs.device)
+        if procs.all_reduce(flag, "max").item():  # every process stops, none writes
+            kept = result.last_checkpoint or "none was written"
+            raise NonFiniteError(
+                f"step {step} of {method.name}: the state to checkpoint holds NaN or inf "
+                f"(first: {bad or 'on process 0'}); not written, so no checkpoint holds a "
+                f"non-finite state (newest checkpoint: {kept})", step, method.name,
+                "checkpoint state", [])
+        if procs.is_main:
             path = save_checkpoint(out_dir, step, {**shared, "processes": per_process},
                                    {"config": config, "history": result.history,
-                                    "skipped": result.skipped}, keep=keep_checkpoints)
+                                    "skipped": result.skipped,
+                                    "skipped_steps": result.skipped_steps,
+                                    "consecutive_skips": consecutive,
+                                    "resumes": result.resumes}, keep=keep_checkpoints)
             result.checkpoints.append(path)
         procs.barrier()
         result.last_checkpoint = os.path.join(out_dir, f"step_{step:07d}")
@@ -376,6 +373,7 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
                     _nonfinite(_grad_fault(groups[group], states, group), step, method,
                                on_nonfinite, result, rec)
                     continue
+                rec[f"grad_norm/{group}"] = float(norm)  # before clipping (tracked runs plot it)
                 opts[group].step()
                 _record(rec, group, loss_d, states.source, stats, procs.world)
                 rec.update({f"{group}/{k}": v for k, v in procs.mean_logs(logs).items()})
@@ -384,15 +382,22 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
             method.after_step()
             if result.ema is not None:
                 result.ema.update(method.student)
+            consecutive = consecutive + 1 if "skipped" in rec else 0
+            result.skipped_steps += "skipped" in rec
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 rec["lr"] = scheds["student"].get_last_lr()[0]
-                nfe = torch.tensor([sampler.nfe["teacher"], sampler.nfe["student"]],
+                nfe = torch.tensor([sampler.nfe["teacher"], sampler.nfe["student"],
+                                    method.nfe["teacher_target"]],
                                    dtype=torch.long, device=procs.device)
-                rec["nfe/teacher"], rec["nfe/student"] = procs.all_reduce(nfe).tolist()
+                (rec["nfe/teacher"], rec["nfe/student"],
+                 rec["nfe/teacher_target"]) = procs.all_reduce(nfe).tolist()
                 result.history.append(rec)
                 if log is not None:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
+            if consecutive > max_consecutive_skips or result.skipped_steps > skip_limit:
+                _too_many_skips(step, method, result, consecutive, max_consecutive_skips,
+                                skip_limit)
             if "loss/student" in rec:
                 bar.set_postfix(loss=f"{rec['loss/student']:.4g}")
             if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == steps):
@@ -413,18 +418,19 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
     return result
 
 
-def _check_resumable(path, meta, config, state, has_ema):
-    old = meta.get("config", {})
-    for key in RESUME_MUST_MATCH:
-        if key in old and old[key] != config[key]:
-            raise CheckpointError(
-                f"cannot resume from {path}: it was written by a run with {key}={old[key]!r}, "
-                f"this run has {key}={config[key]!r}; resume with the same settings, or use a "
-                "new out_dir (or resume=False) to start a new run")
-    if has_ema != ("ema" in state):
-        raise CheckpointError(f"cannot resume from {path}: it was written "
-                              f"{'without' if has_ema else 'with'} an EMA (ema_decay="
-                              f"{old.get('ema_decay')!r}), this run has the opposite")
+def _too_many_skips(step, method, result, consecutive, max_consecutive, limit):
+    good = result.last_checkpoint
+    kept = (f"the newest checkpoint {good} is kept (it may already hold weights that were "
+            "diverging: it was finite, not necessarily good)") if good else \
+        "no checkpoint was written"
+    what = (f"{consecutive} steps in a row" if consecutive > max_consecutive else
+            f"{result.skipped_steps} steps in all")
+    raise NonFiniteError(
+        f"step {step + 1} of {method.name}: updates were skipped for non-finite values in "
+        f"{what} (max_consecutive_skips={max_consecutive}, max_skips={limit}; "
+        f"{result.skipped} updates skipped). Stopped: the run is diverging (a smaller lr, "
+        f"grad_clip or a resume from an earlier checkpoint may help); {kept}",
+        step + 1, method.name, "skipped updates", [])
 
 
 def _loss_stats(loss: torch.Tensor, source: torch.Tensor, procs: Processes) -> torch.Tensor:
@@ -466,7 +472,8 @@ def _nonfinite(fault, step, method, on_nonfinite, result, rec):
     what, term, sources = fault
     if on_nonfinite == "raise":
         good = result.last_checkpoint
-        kept = f"the last good checkpoint {good} is kept" if good else "no checkpoint was written"
+        kept = (f"the newest checkpoint {good} is kept (finite, but it may already hold "
+                "weights that were diverging)") if good else "no checkpoint was written"
         raise NonFiniteError(f"step {step + 1} of {method.name}: {what}. Stopped; {kept} "
                              "(on_nonfinite='skip' skips such updates instead)",
                              step + 1, method.name, term, sources)
@@ -491,22 +498,44 @@ def progressive(backend, start: int = 32, end: int = 4, steps_per_stage: int | l
                 **kw) -> list[DistillResult]:
     """Progressive distillation: halve the steps start -> start/2 -> ... -> end. Stage one's
     teacher is the backend's teacher walking the ``start``-step grid; each later stage's teacher
-    is the previous stage's student (DDIM on its own grid), and the new student starts from it."""
+    is the previous stage's student (DDIM on its own grid), and the new student starts from it.
+    With ``out_dir``, stage n checkpoints to ``out_dir/stage_<n>``; ``**kw`` are ``distill``'s
+    settings, all checked before the first stage starts."""
     from ..methods.pd import PD
 
-    ratio = start // end if end > 0 else 0
-    if end < 1 or start <= end or start % end or ratio & (ratio - 1):
-        raise ValueError(f"start={start} must be end={end} times a power of two")
+    check_int("start", start, 2)
+    check_int("end", end, 1)
+    ratio = start // end
+    if start <= end or start % end or ratio & (ratio - 1):
+        fail("start", start, f"end={end} times a power of two >= 2 (e.g. {end * 8})")
     stages = [start >> i for i in range(1, ratio.bit_length())]  # e.g. 16, 8, 4
     budgets = steps_per_stage if isinstance(steps_per_stage, list) else [steps_per_stage] * len(stages)
     if len(budgets) != len(stages):
-        raise ValueError(f"steps_per_stage has {len(budgets)} entries for stages {stages}")
+        fail("steps_per_stage", steps_per_stage, f"an int or a list of {len(stages)} ints, one "
+             f"per stage {stages}")
+    for b in budgets:
+        check_int("steps_per_stage", b, 1)
+    if not (sampler_factory is None or callable(sampler_factory)):
+        fail("sampler_factory", sampler_factory, "None or a function () -> StateSampler")
+    check_bool("reflected", reflected)
+    known = set(inspect.signature(distill).parameters) - {"backend", "method", "sampler", "steps"}
+    for k, v in kw.items():
+        if k not in known:
+            fail(k, v, ", ".join(sorted(known)), "not a distill parameter (steps come from "
+                 "steps_per_stage)" if k == "steps" else "not a distill parameter")
+    checked = {k: v for k, v in kw.items()
+               if k in inspect.signature(check_distill_args).parameters}
+    for b in budgets:  # every stage's settings, before the first stage trains
+        check_distill_args(steps=b, **checked)
+    out_dir = kw.pop("out_dir", None)
     results, teacher, init = [], None, None
     for n, steps in zip(stages, budgets):
         view = backend if init is None else _StudentInit(backend, init)
         method = PD(n_steps=n, substeps=2, reflected=reflected, teacher=teacher)
+        # each stage has its own folder: a resumed progressive run loads finished stages
+        stage_dir = os.path.join(out_dir, f"stage_{n}") if out_dir else None
         res = distill(view, method, sampler_factory() if sampler_factory else None,
-                      steps=steps, **kw)
+                      steps=steps, out_dir=stage_dir, **kw)
         results.append(res)
         teacher = copy.deepcopy(res.student).eval().requires_grad_(False)
         init = copy.deepcopy(res.method.student)  # keeps which parameters train (e.g. LoRA)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..rollout import States, StateSampler
+from ..validation import ConfigError
 from .checkpoint import flatten_state, map_tensors, unflatten_state, unshare
 from .fsdp import settings_from
 
@@ -47,7 +48,7 @@ class Processes:
         if self.world > 1:
             kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
             if kind in ("DEEPSPEED", "MEGATRON_LM", "XLA"):
-                raise ValueError(f"accelerate distributed_type={kind} is not supported by "
+                raise ConfigError(f"accelerate distributed_type={kind} is not supported by "
                                  "distill; allowed: MULTI_GPU / MULTI_CPU (data-parallel, "
                                  "experiments/configs/accelerate_ddp.yaml) or FSDP "
                                  "(experiments/configs/accelerate_fsdp.yaml); see docs/robust.md")
@@ -211,15 +212,16 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2 ** 32)
 
 
-def process_state(sampler: StateSampler) -> dict:
-    return {"rng": rng_state(), "nfe": dict(sampler.nfe),
+def process_state(sampler: StateSampler, method) -> dict:
+    return {"rng": rng_state(), "nfe": dict(sampler.nfe), "method_nfe": dict(method.nfe),
             "buffer": {k: _states_to_state(v) for k, v in sampler.buffer.items()}}
 
 
-def load_process_state(sampler: StateSampler, st: dict, device) -> None:
-    """Restore the buffer (onto ``device``, where the run keeps its states), NFE counters and
-    every RNG stream of this process."""
+def load_process_state(sampler: StateSampler, method, st: dict, device) -> None:
+    """Restore the buffer (onto ``device``, where the run keeps its states), NFE counters (the
+    sampler's and the method's) and every RNG stream of this process."""
     sampler.buffer = {k: States(**map_tensors(v, lambda t: t.to(device)))
                       for k, v in st["buffer"].items()}
     sampler.nfe.update(st["nfe"])
+    method.nfe.update(st["method_nfe"])
     set_rng_state(st["rng"])

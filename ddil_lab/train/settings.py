@@ -1,10 +1,12 @@
 """Validated settings of the parts every run has: the method, the StateSampler, the train loop
-and how results are sampled. Every error is a ``ConfigError`` (a ``ValueError``) that names the
-parameter (``section.key``), the value and what is allowed. Checks that a constructor already
-makes cheaply are reused by calling it (method and StateSampler constructors,
-``rollout.validate_priors``, ``diffusion.substeps``, ``Threshold``). Each tier checks its own
-backend's settings (``check_params`` beside its backend) with the helpers here; the whole run
-config (``ddil_lab.config``) puts the sections together.
+and how results are sampled. Every error is a ``ConfigError`` (a ``ValueError``; the class is
+defined in the core, ``ddil_lab.validation``, so methods and the sampler raise it too, and is
+re-exported here) that names the parameter (``section.key``), the value and what is allowed.
+Checks that a constructor already makes cheaply are reused by calling it (method and
+StateSampler constructors, ``rollout.validate_priors``, ``methods.pd.check_grid``,
+``Threshold``). Each tier checks its own backend's settings (``check_params`` beside its
+backend) with the helpers here; the whole run config (``ddil_lab.config``) puts the sections
+together.
 """
 
 from __future__ import annotations
@@ -13,21 +15,15 @@ import dataclasses
 import inspect
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 
-from ..diffusion import THRESHOLDS, Threshold, substeps, timesteps
+from ..diffusion import THRESHOLDS, Threshold, timesteps
 from ..methods import METHODS
+from ..methods.pd import check_grid
 from ..rollout import StateSampler
-from .loop import check_distill_args
-
-
-class ConfigError(ValueError):
-    """A setting is not allowed; the message names the parameter, its value and what is."""
-
-
-def fail(param: str, value, allowed: str, why: str = ""):
-    raise ConfigError(f"{param}={value!r} is not allowed{': ' + why if why else ''}; "
-                      f"allowed: {allowed}")
+from ..validation import ConfigError, fail, is_int
+from .args import check_distill_args
 
 
 def reuse(section: str, fn, *args, **kw):
@@ -35,8 +31,12 @@ def reuse(section: str, fn, *args, **kw):
     with the section named (its message already names the parameter and value)."""
     try:
         return fn(*args, **kw)
-    except ConfigError:
-        raise
+    except ConfigError as e:
+        msg = str(e)
+        if msg.startswith(section.split(".")[0]):  # already names its section
+            raise
+        raise ConfigError(f"{section}.{msg}" if re.match(r"\w+=", msg) else
+                          f"{section}: {msg}") from e
     except (ValueError, TypeError, OSError) as e:  # OSError: a missing file
         raise ConfigError(f"{section}: {e}") from e
 
@@ -53,8 +53,13 @@ def check_names(section: str, given: dict, target, owner: str, skip=()):
             fail(f"{section}.{k}", v, ", ".join(allowed), f"not a parameter of {owner}")
 
 
-def is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _prefixed(section: str, fn, *args, **kw):
+    """Run a constructor / check of ours whose ConfigError starts with "name=value" and name
+    the section: "method.substeps=29 is not allowed ..."."""
+    try:
+        return fn(*args, **kw)
+    except ConfigError as e:
+        raise ConfigError(f"{section}.{e}") from e
 
 
 @dataclass
@@ -64,41 +69,24 @@ class MethodConfig:
     params: dict = field(default_factory=dict)
 
     def validate(self, T: int = 1000) -> MethodConfig:
-        if self.name not in METHODS:
+        if not (isinstance(self.name, str) and self.name in METHODS):
             fail("method.name", self.name, f"one of {tuple(METHODS)}")
         cls = METHODS[self.name]
         check_names("method", self.params, cls, self.name, skip=("teacher",))
-        m = reuse(f"method ({self.name})", cls, **self.params)  # the constructor's own checks
+        m = _prefixed("method", cls, **self.params)  # the constructor's own checks
         if m.n_steps > T:
             fail("method.n_steps", m.n_steps, f"an int in [1, T={T}] (the teacher's steps)")
         if self.name == "pd":
-            _check_pd_grid(m.n_steps, m.substeps, T)
+            _prefixed("method", check_grid, m.n_steps, m.substeps, T)
         if self.name == "lcm":
-            if not is_int(m.solver_steps) or not 2 <= m.solver_steps <= T:
+            if m.solver_steps > T:
                 fail("method.solver_steps", m.solver_steps, f"an int in [2, T={T}]")
-            for n in m.ddil_steps:
-                if not (is_int(n) and 1 <= n <= T):
-                    fail("method.ddil_steps", list(m.ddil_steps), f"ints in [1, T={T}]")
+            if any(n > T for n in m.ddil_steps):
+                fail("method.ddil_steps", list(m.ddil_steps), f"ints in [1, T={T}]")
         return self
 
     def build(self):
         return METHODS[self.name](**self.params)
-
-
-def _check_pd_grid(n: int, k: int, T: int):
-    """PD's teacher walks the (n*k)-step grid inside each student step: it must exist and
-    contain every point of the student's n-step grid (``diffusion.substeps`` checks that)."""
-    if n * k > T:
-        fail("method.substeps", k, f"n_steps * substeps <= T={T}",
-              f"with n_steps={n} the teacher would need a {n * k}-step grid")
-    grid = timesteps(n, T).tolist()
-    for i, t in enumerate(grid):
-        s = grid[i + 1] if i + 1 < len(grid) else -1
-        try:
-            substeps(t, s, n, k, T)
-        except ValueError as e:
-            fail("method.substeps", k, f"a substeps whose {n * k}-step teacher grid contains "
-                  f"every point of the {n}-step student grid {grid}", str(e))
 
 
 @dataclass
@@ -115,7 +103,7 @@ class SamplerConfig:
         return self
 
     def build(self) -> StateSampler:
-        return reuse("sampler", StateSampler, **self.params)  # validate_priors and friends
+        return _prefixed("sampler", StateSampler, **self.params)  # validate_priors and friends
 
 
 @dataclass
@@ -141,14 +129,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     shard_optimizer: bool = False
     shared_plan: bool | None = None
+    max_consecutive_skips: int = 5
+    max_skips: int | None = None
 
     def validate(self, num_processes: int = 1) -> TrainConfig:
-        kw = self.kwargs()
-        kw.pop("progress")
-        try:
-            check_distill_args(**kw, num_processes=num_processes)
-        except ValueError as e:  # its messages start with "name=value"
-            raise ConfigError(f"train.{e}") from e
+        _prefixed("train", check_distill_args, **self.kwargs(), num_processes=num_processes)
         return self
 
     def kwargs(self) -> dict:
@@ -166,14 +151,14 @@ class SampleConfig:
     seed: int = 0
 
     def validate(self, T: int = 1000) -> SampleConfig:
-        if self.threshold not in THRESHOLDS:
+        if not (isinstance(self.threshold, str) and self.threshold in THRESHOLDS):
             fail("sample.threshold", self.threshold, f"one of {THRESHOLDS}")
         if self.n_steps is not None and not (is_int(self.n_steps) and 1 <= self.n_steps <= T):
             fail("sample.n_steps", self.n_steps, f"None (the method's) or an int in [1, {T}]")
         if self.timesteps is not None:
-            ts = list(self.timesteps)
+            ts = list(self.timesteps) if isinstance(self.timesteps, (list, tuple)) else None
             if not ts or not all(is_int(t) for t in ts):
-                fail("sample.timesteps", ts, f"a non-empty list of ints in [0, {T - 1}]")
+                fail("sample.timesteps", self.timesteps, f"a non-empty list of ints in [0, {T - 1}]")
             out = [t for t in ts if not 0 <= t <= T - 1]
             if out:
                 fail("sample.timesteps", ts, f"ints in [0, {T - 1}], strictly decreasing",
@@ -182,6 +167,8 @@ class SampleConfig:
                 fail("sample.timesteps", ts, "a strictly decreasing list (e.g. [999, 749, 500, 250])")
         if not (is_int(self.num_samples) and self.num_samples >= 1):
             fail("sample.num_samples", self.num_samples, "a positive int")
+        if not (is_int(self.seed) and 0 <= self.seed < 2 ** 63):
+            fail("sample.seed", self.seed, "an int in [0, 2**63 - 1]")
         return self
 
     def grid(self, method_n_steps: int, T: int = 1000):
@@ -221,4 +208,4 @@ def _is_type(v, ann: str) -> bool:
     return t is not None and isinstance(v, t)
 
 __all__ = ["ConfigError", "MethodConfig", "SampleConfig", "SamplerConfig", "TrainConfig",
-           "check_names", "fail", "is_int", "reuse", "type_errors"]
+           "check_names", "fail", "is_int", "reuse", "type_errors"]  # ConfigError: one class

@@ -93,10 +93,11 @@ ARM_RECIPES = {
 def train_students(backend, method: str, arms=("baseline", "ddil"), seeds=(0,), steps: int = 400,
                    batch_size: int = 256, lr: float = 1e-3, n_steps: int = 4,
                    method_kw: dict | None = None, sampler_kw: dict | None = None,
-                   **distill_kw) -> dict[str, list[MemberView]]:
+                   progress: bool = True, **distill_kw) -> dict[str, list[MemberView]]:
     """Train several arms of one method, the seeds of each as one ensemble (the toy table's
     ``train_arm``): ``arm name -> [one MemberView per seed]``. Arms are names in
-    ``ARM_RECIPES``, or a dict ``label -> (toy table arm, sampler_kw)``."""
+    ``ARM_RECIPES``, or a dict ``label -> (toy table arm, sampler_kw)``. ``progress``: one
+    progress bar per arm (a widget in Jupyter, through ``tqdm.auto``)."""
     if not isinstance(arms, dict):
         unknown = [a for a in arms if a not in ARM_RECIPES]
         if unknown:
@@ -107,7 +108,7 @@ def train_students(backend, method: str, arms=("baseline", "ddil"), seeds=(0,), 
         out[label] = train_arm(backend, method, arm, seeds=tuple(seeds), steps=steps,
                                batch_size=batch_size, lr=lr, n_steps=n_steps,
                                method_kw=method_kw, sampler_kw={**(sampler_kw or {}), **skw},
-                               **distill_kw)
+                               progress=progress, **distill_kw)
     return out
 
 

@@ -85,7 +85,8 @@ class ModeStudy:
 
 @torch.no_grad()
 def mode_study(backend, students: dict[str, list[MemberView]], n_eval: int = 2000,
-               n_steps: int = 4, fine_steps: int = 32, ref_seed: int = 1234) -> ModeStudy:
+               n_steps: int = 4, fine_steps: int = 32, ref_seed: int = 1234,
+               progress: bool = True) -> ModeStudy:
     """Reachable modes per step for the teacher (walking the ``fine_steps`` grid), the
     teacher's plain n-step DDIM and every trained student (``students``: name -> seeds), all
     from the same noise x_T and labels, so every policy starts from the same reachable modes
@@ -97,8 +98,9 @@ def mode_study(backend, students: dict[str, list[MemberView]], n_eval: int = 200
                                         .sample(ref.x_T, ref.cond)]}
     for name, views in students.items():
         runs[name] = [v.sample(ref.x_T, ref.cond) for v in views]
+    from tqdm.auto import tqdm
     teacher_ref = None
-    for name, trajs in runs.items():
+    for name, trajs in tqdm(runs.items(), desc="reachable modes", disable=not progress):
         hs = [reachable_modes(backend, tr, ref.cond, fine_steps) for tr in trajs]
         study.per_seed[name] = hs
         study.hists[name] = torch.stack(hs).mean(0)
@@ -181,6 +183,8 @@ def reach_map(study, name: str, step: int = 1, n_show: int = 1500, size: float =
     bx.set_xticks(range(K + 1))
     bx.set_xticklabels([str(j) for j in range(K)] + ["off"], fontsize=7)
     bx.set_title("modes the teacher reaches from them", fontsize=9)
+    bx.set_xlabel("mode", fontsize=8)
+    bx.set_ylabel("fraction of states", fontsize=8)
     bx.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -188,9 +192,10 @@ def reach_map(study, name: str, step: int = 1, n_show: int = 1500, size: float =
 
 def effective_modes(study, names=None, size=(3.6, 2.8)) -> Figure:
     """Per step: the effective number of reachable modes (exp entropy) and the total variation
-    between the reachable-mode histogram and the teacher's samples, one line per policy."""
+    between the reachable-mode histogram and the teacher's samples, one line per policy (the
+    legend sits beside the panels, off the lines)."""
     names = names or list(study.summary)
-    fig = Figure(figsize=(size[0] * 2, size[1]))
+    fig = Figure(figsize=(size[0] * 2 + 1.8, size[1]), layout="constrained")
     axs = fig.subplots(1, 2)
     x = list(range(len(study.grid) + 1))
     for i, name in enumerate(names):
@@ -198,14 +203,16 @@ def effective_modes(study, names=None, size=(3.6, 2.8)) -> Figure:
         style = "--" if name.startswith("teacher") else "-"
         axs[0].plot(x, s["effective_modes"], style, marker="o", ms=3, color=f"C{i}", label=name)
         axs[1].plot(x, s["tv"], style, marker="o", ms=3, color=f"C{i}", label=name)
-    for ax, title in zip(axs, ("effective reachable modes (exp entropy)",
-                               "TV to the teacher's mode weights")):
+    titles = ("effective reachable modes", "distance to the teacher's mode weights")
+    for ax, title, ylabel in zip(axs, titles, ("exp(entropy), modes", "total variation")):
         ax.set_xticks(x)
         ax.set_xticklabels(step_labels(study.grid), fontsize=7)
+        ax.set_xlabel("step of the trajectory (noise -> samples)", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    axs[0].legend(fontsize=6)
-    fig.tight_layout()
+    handles, labels = axs[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=7, frameon=False)
     return fig
 
 
@@ -218,6 +225,33 @@ def final_mode_bars(study, names=None, size=(7.5, 2.6)) -> Figure:
     hists = {n: torch.stack([h[-1, :-1] for h in study.per_seed[n]]) for n in names}
     mode_histogram(ax, hists, weights=study.hists["teacher"][-1, :-1],
                    title="where the samples land (black: the 32-step teacher)")
+    ax.set_ylabel("fraction of samples")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
+
+
+def small_modes(study, frac: float = 0.5) -> list[int]:
+    """The modes holding less than ``frac`` of the largest mode's share of the teacher's
+    samples (the modes a mode-seeking policy is expected to drop first)."""
+    w = study.hists["teacher"][-1, :-1]
+    return (w < frac * w.max()).nonzero().squeeze(1).tolist()
+
+
+def mode_loss_rows(study, names=None) -> dict[str, dict[str, list[float]]]:
+    """Per policy and seed, what the mode-loss story rests on: effective reachable modes at the
+    first step after x_T, at the lowest step and at the samples, and the share of samples in
+    the ``small_modes`` (the teacher's share is the target). For ``markdown_table``."""
+    small = small_modes(study)
+    out = {}
+    for name in names or list(study.per_seed):
+        rows = {"eff. modes, first step": [], "eff. modes, lowest": [],
+                "eff. modes, samples": [], "small-mode share %": []}
+        for h in study.per_seed[name]:
+            e = mode_summary(h)["effective_modes"]
+            rows["eff. modes, first step"].append(e[1] if len(e) > 1 else e[0])
+            rows["eff. modes, lowest"].append(min(e))
+            rows["eff. modes, samples"].append(e[-1])
+            rows["small-mode share %"].append(100 * float(h[-1, small].sum()))
+        out[name] = rows
+    return out

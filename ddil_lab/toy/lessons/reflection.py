@@ -3,7 +3,6 @@ does to the teacher's estimates, to each method's targets, and to small-batch DM
 
 from __future__ import annotations
 
-
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -124,17 +123,19 @@ class EvalTracker:
 def stability_runs(backend, method: str = "dmd2", arms=("baseline", "reflected"),
                    seeds=(0, 1, 2), steps: int = 300, batch_size: int = 8, lr: float = 1e-3,
                    n_steps: int = 4, eval_every: int = 25, n_eval: int = 500,
-                   method_kw: dict | None = None, on_nonfinite: str = "skip"
-                   ) -> dict[str, list[dict]]:
+                   method_kw: dict | None = None, on_nonfinite: str = "skip",
+                   progress: bool = True) -> dict[str, list[dict]]:
     """Train each arm once per seed (separate runs, so each seed has its own loss curve) and
     track sample quality every ``eval_every`` steps.
 
     Returns ``arm -> [{"seed", "history", "eval_steps", "mmd", "final_mmd", "skipped",
-    "max_loss", "raw_outside"}]``: ``max_loss`` is the largest generator loss logged,
-    ``raw_outside`` the fraction of the trained student's *unthresholded* x0 estimates, along
+    "max_loss", "raw_outside", "on_edge"}]``: ``max_loss`` is the largest generator loss
+    logged, ``on_edge`` the fraction of the student's samples with a coordinate on the edge of
+    the box (where a clamp puts them), ``raw_outside`` the fraction of the trained student's
+    *unthresholded* x0 estimates, along
     its own trajectories, that lie off the support (a reflected student only ever shows the
     clamped ones). Non-finite updates are skipped and counted (``on_nonfinite="skip"``), so
-    an unstable run shows instead of stopping."""
+    an unstable run shows instead of stopping. ``progress``: one bar per run."""
     ref = make_reference(backend, n=n_eval, n_steps=n_steps)
     out = {}
     for arm in arms:
@@ -144,7 +145,7 @@ def stability_runs(backend, method: str = "dmd2", arms=("baseline", "reflected")
             view = train_arm(backend, method, arm, seeds=(s,), steps=steps,
                              batch_size=batch_size, lr=lr, n_steps=n_steps,
                              method_kw=method_kw, callbacks=(tracker,), eval_every=eval_every,
-                             on_nonfinite=on_nonfinite)[0]
+                             on_nonfinite=on_nonfinite, progress=progress)[0]
             hist = view.run["history"]
             losses = [h["loss/student"] for h in hist if "loss/student" in h]
             runs.append({"seed": s, "history": hist, "eval_steps": tracker.steps,
@@ -152,7 +153,8 @@ def stability_runs(backend, method: str = "dmd2", arms=("baseline", "reflected")
                          "final_mmd": tracker.mmd[-1] if tracker.mmd else float("nan"),
                          "skipped": sum(h.get("skipped", 0) for h in hist),
                          "max_loss": max(losses) if losses else float("nan"),
-                         "raw_outside": raw_outside(view, backend, ref)})
+                         "raw_outside": raw_outside(view, backend, ref),
+                         "on_edge": on_edge(view.sample(ref.x_T, ref.cond).sample)})
         out[arm] = runs
     return out
 
@@ -166,6 +168,13 @@ def raw_outside(view: MemberView, backend, ref: Reference) -> float:
     c = member_cond(view, ref.cond, n)
     raw = [m.student(x, torch.full((n,), int(t)), c) for x, t in zip(traj.xs, traj.grid)]
     return outside_support(torch.cat(raw))
+
+
+def on_edge(x: torch.Tensor, lo: float = -1.0, hi: float = 1.0, tol: float = 1e-4) -> float:
+    """Fraction of samples with a coordinate on the edge of the box [lo, hi]^d (within
+    ``tol``): where a static clamp leaves every estimate that was outside."""
+    return float((((x - lo).abs() < tol) | ((x - hi).abs() < tol)).flatten(1).any(1)
+                 .double().mean())
 
 
 def _box(ax, lo=-1.0, hi=1.0):
@@ -223,24 +232,32 @@ def target_scatter(report: dict, size: float = 2.6, n_max: int = 1500) -> Figure
     return fig
 
 
-def stability(runs: dict, key: str = "loss/student", size=(3.4, 2.6)) -> Figure:
-    """Loss curves (top, ``key`` from the history, one thin line per seed) and sample quality
-    during training (bottom: MMD x1e3 to the teacher, one line per seed), one column per arm."""
+def stability(runs: dict, key: str = "loss/student", quality: bool = True, size=(3.4, 2.6)
+              ) -> Figure:
+    """Loss curves (``key`` from the history, one thin line per seed) and, with ``quality``,
+    sample quality during training below them (MMD x1e3 to the teacher, one line per seed),
+    one column per arm."""
     arms = list(runs)
-    fig = Figure(figsize=(size[0] * len(arms), size[1] * 2))
-    axs = fig.subplots(2, len(arms), squeeze=False, sharey="row")
+    rows = 2 if quality else 1
+    fig = Figure(figsize=(size[0] * len(arms), size[1] * rows + 0.4), layout="constrained")
+    axs = fig.subplots(rows, len(arms), squeeze=False, sharey="row")
+    what = {"loss/student": "generator loss ½‖g‖²", "loss/critic": "fake-critic loss"}
     for c, arm in enumerate(arms):
         for i, r in enumerate(runs[arm]):
             steps = [h["step"] for h in r["history"] if key in h]
             vals = [h[key] for h in r["history"] if key in h]
             axs[0, c].plot(steps, vals, lw=0.7, color=f"C{i}", alpha=0.8, label=f"seed {r['seed']}")
-            axs[1, c].plot(r["eval_steps"], r["mmd"], marker="o", ms=2, lw=0.8, color=f"C{i}")
-        axs[0, c].set_title(f"{arm}: {key}", fontsize=9)
+            if quality:
+                axs[1, c].plot(r["eval_steps"], r["mmd"], marker="o", ms=2, lw=0.8, color=f"C{i}")
+        axs[0, c].set_title(f"{arm}: {what.get(key, key)}", fontsize=9)
         axs[0, c].set_yscale("log")
-        axs[1, c].set_title(f"{arm}: MMD x1e3 to teacher", fontsize=9)
-        axs[1, c].set_xlabel("training step")
+        if quality:
+            axs[1, c].set_title(f"{arm}: sample quality", fontsize=9)
+        axs[-1, c].set_xlabel("training step")
         for ax in axs[:, c]:
             ax.grid(alpha=0.3)
+    axs[0, 0].set_ylabel(f"{key} (log)")
+    if quality:
+        axs[1, 0].set_ylabel("MMD² x1e3 to the teacher")
     axs[0, 0].legend(fontsize=6)
-    fig.tight_layout()
     return fig

@@ -15,7 +15,19 @@ from ...train.arms import MemberView
 from ..experiments import Reference, TeacherSampler, make_reference
 from ..metrics import covariate_shift, mode_stats, nll
 from ..plots import density2d, scatter2d, step_curves
-from .common import forward_gaps, forward_states, label_title, member_cond, pick, plot_limit, shade_density, states_at, teacher_trajectory, train_students, training_states
+from .common import (
+    forward_gaps,
+    forward_states,
+    label_title,
+    member_cond,
+    pick,
+    plot_limit,
+    shade_density,
+    states_at,
+    teacher_trajectory,
+    train_students,
+    training_states,
+)
 
 
 @torch.no_grad()
@@ -103,13 +115,14 @@ def shift_study(backend, method: str = "pd", arms=("baseline", "ddil"), seeds=(0
                 steps: int = 400, batch_size: int = 256, lr: float = 1e-3, n_steps: int = 4,
                 n_eval: int = 2000, method_kw: dict | None = None,
                 sampler_kw: dict | None = None, ref_seed: int = 1234,
-                students: dict | None = None) -> ShiftStudy:
+                students: dict | None = None, progress: bool = True) -> ShiftStudy:
     """Train ``arms`` of ``method`` (or take trained ``students``) and measure, at every
     student timestep, where their inference states sit relative to the forward marginals
     q_t(x|c), to their own training states and to the teacher (see ``ShiftStudy``)."""
     with torch.enable_grad():
         students = students or train_students(backend, method, arms, seeds, steps, batch_size,
-                                              lr, n_steps, method_kw, sampler_kw)
+                                              lr, n_steps, method_kw, sampler_kw,
+                                              progress=progress)
     ref = make_reference(backend, n=n_eval, n_steps=n_steps, seed=ref_seed)
     g = torch.Generator().manual_seed(ref_seed + 1)
     study = ShiftStudy(backend, ref, students,
@@ -159,7 +172,7 @@ def states_over_marginals(backend, trajs: dict, cond=None, label=None, train_sta
     grid = trajs[names[0]].grid
     S = backend.schedule
     cols = list(grid) + [-1]
-    fig = Figure(figsize=(size * (len(cols) + 1), size * len(names) + 0.4))
+    fig = Figure(figsize=(size * (len(cols) + 1), size * len(names) + 0.6), layout="constrained")
     axs = fig.subplots(len(names), len(cols) + 1, squeeze=False)
     cache: dict = {}
     for r, name in enumerate(names):
@@ -169,10 +182,10 @@ def states_over_marginals(backend, trajs: dict, cond=None, label=None, train_sta
             shade_density(ax, backend, t, lim, label, cache)
             if train_states and name in train_states and t >= 0:
                 ts = states_at(train_states[name], t)
-                scatter2d(pick(ts.x_t, ts.cond, label, n_show), ax, color="k", s=1.0,
-                          alpha=0.35, lim=lim)
+                scatter2d(pick(ts.x_t, ts.cond, label, n_show), ax, color="k", s=5.0,
+                          alpha=0.45, lim=lim)
             scatter2d(pick(tr.xs[c], cond, label, n_show), ax, gmm=backend.gmm if t < 0 else None,
-                      color=f"C{r}", s=2.5, alpha=0.6, lim=lim)
+                      color=f"C{r}", s=3.0, alpha=0.6, lim=lim)
             if r == 0:
                 ax.set_title("sample (t = -1)" if t < 0 else f"t = {t}", fontsize=9)
         axs[r, 0].set_ylabel(name, fontsize=9)
@@ -189,10 +202,9 @@ def states_over_marginals(backend, trajs: dict, cond=None, label=None, train_sta
         ax.set_yticks([])
         if r == 0:
             ax.set_title("paths x_T -> x_0", fontsize=9)
-    extra = "; black dots: the states it was trained on" if train_states else ""
-    fig.suptitle(f"states at each student timestep over {label_title(backend, label)}{extra}",
-                 fontsize=10)
-    fig.tight_layout()
+    extra = "\nblack dots: the states that arm was trained on at t" if train_states else ""
+    fig.suptitle(f"states at each student timestep (colour) over {label_title(backend, label)} "
+                 f"(grey){extra}", fontsize=10)
     return fig
 
 
@@ -202,20 +214,24 @@ def shift_curves(study, keys=("gap", "train_gap", "drift", "shift"), names=None,
     ``gap`` distance to forward states of q_t(x|c) (what forward-only training sees),
     ``train_gap`` distance to the arm's own training states, ``drift`` distance to the
     teacher's states, ``shift`` excess -log q_t (nats)."""
-    labels = {"gap": "to forward states q_t(x|c)\n(sliced W1 x1e3)",
-              "train_gap": "to its own training states\n(sliced W1 x1e3)",
-              "drift": "to the teacher's states\n(sliced W1 x1e3)",
-              "shift": "excess -log q_t(x|c) (nats)"}
+    titles = {"gap": "gap: to forward states of q_t(x|c)",
+              "train_gap": "train_gap: to its own training states",
+              "drift": "drift: to the teacher's states",
+              "shift": "shift: excess -log q_t(x|c)"}
+    units = {"shift": "nats (0 = on q_t)"}
     names = names or list(study.rows)
-    fig = Figure(figsize=(size[0] * len(keys), size[1]))
+    fig = Figure(figsize=(size[0] * len(keys), size[1] + 0.5), layout="constrained")
     axs = fig.subplots(1, len(keys), squeeze=False)[0]
     nan = [[float("nan")] * len(study.grid)]  # keeps each policy's colour in every panel
     for ax, key in zip(axs, keys):
         curves = {n: study.curve(n, key) if f"{key}_t{study.grid[0]}" in study.rows[n][0]
                   else nan for n in names}
-        step_curves(ax, study.grid, curves, title=labels.get(key, key))
-    axs[0].legend(fontsize=7)
-    fig.tight_layout()
+        step_curves(ax, study.grid, curves, title=titles.get(key, key),
+                    ylabel=units.get(key, "sliced W1 x1e3"))
+        ax.title.set_fontsize(9)
+    handles, labels = axs[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(names), fontsize=8,
+               frameon=False)
     return fig
 
 
@@ -234,7 +250,7 @@ def step_errors(study, size=(4.0, 2.8)) -> Figure:
     ax.set_yscale("log")
     ax.set_xlim(max(study.grid) + 30, min(study.grid) - 30)
     ax.set_xlabel("student timestep t")
-    ax.set_ylabel("RMS step error")
+    ax.set_ylabel("RMS step error (data units)")
     ax.set_title("where the student's step is wrong", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -243,25 +259,29 @@ def step_errors(study, size=(4.0, 2.8)) -> Figure:
 
 
 def teacher_over_marginals(backend, guidance: float = 1.0, n_steps: int = 4, fine: bool = True,
-                           label: int | None = 0, n: int = 1000, size: float = 2.3) -> Figure:
+                           label: int | None = 0, n: int = 1000, size: float = 2.3
+                           ) -> Figure:
     """The exact teacher at guidance w with n steps (``fine``: walking the 32-step grid inside
     each step; else plain n-step DDIM) over q_t(x | c): its states at each step, and in each
     title the sliced W1 (x1e3) to forward states, i.e. how far guidance or few steps take the
-    sampler from where forward-only training looks. Cheap: for sliders."""
+    sampler from where forward-only training looks. Cheap: for sliders. The canvas is the
+    same for every ``n_steps`` (five panels wide; more steps make the panels smaller), so a
+    slider redraws it at the same size."""
     traj, cond = teacher_trajectory(backend, n_steps, guidance if backend.conditional
                                           else None, 32 if fine else None, n=n)
     gaps = forward_gaps(backend, traj, cond)
     S = backend.schedule
     cols = list(traj.grid) + [-1]
-    fig = Figure(figsize=(size * len(cols), size + 0.5))
+    fig = Figure(figsize=(size * 5, size + 0.9), layout="constrained")  # fixed canvas
     axs = fig.subplots(1, len(cols), squeeze=False)[0]
     for c, (ax, t) in enumerate(zip(axs, cols)):
         lim = plot_limit(S, t)
         density2d(backend.gmm, ax, None if t < 0 else t, S, lim=lim, label=label)
         scatter2d(pick(traj.xs[c], cond, label, n), ax, gmm=backend.gmm if t < 0 else None,
                   color="C2", s=2.5, alpha=0.6, lim=lim,
-                  title=(f"t = {t}\nW1 to q_t: {gaps[c]:.0f}" if t >= 0 else "sample"))
+                  title=(f"t = {t}\nW1 to q_t: {gaps[c]:.0f}" if t >= 0 else "sample\n"))
+        ax.title.set_fontsize(8 if len(cols) > 6 else 9)
     kind = "teacher (32-step walk)" if fine else f"teacher, plain {n_steps}-step DDIM"
-    fig.suptitle(f"{kind} over {label_title(backend, label, guidance)}", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"{kind} (green) over {label_title(backend, label, guidance)} (grey); "
+                 f"W1: sliced Wasserstein-1 x1e3 to forward states", fontsize=9)
     return fig

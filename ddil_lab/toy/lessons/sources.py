@@ -12,7 +12,15 @@ from matplotlib.figure import Figure
 
 from ...rollout import SOURCES, States, StateSampler
 from ..plots import density2d, scatter2d
-from .common import PRIOR_SHORT, SOURCE_COLORS, labels_of, plot_limit, shade_density, states_at, training_states
+from .common import (
+    PRIOR_SHORT,
+    SOURCE_COLORS,
+    labels_of,
+    plot_limit,
+    shade_density,
+    states_at,
+    training_states,
+)
 
 
 def toy_table():
@@ -31,17 +39,18 @@ def toy_table():
     return mod
 
 
-def run_toy_table(out: str, quick: bool = True, **overrides) -> dict:
-    """Run the toy table (``toy_table().run``) quietly: its printed table is returned in
-    ``result["markdown"]`` instead, and the notebook's matplotlib backend, which the table's
-    figure writer switches to Agg, is restored afterwards."""
+def run_toy_table(out: str, quick: bool = True, progress: bool = True, **overrides) -> dict:
+    """Run the toy table (``toy_table().run``) quietly: its printed tables are written to
+    ``table.md`` under ``out`` (and returned in ``result["markdown"]``) instead of printed,
+    ``progress`` shows one bar per setting, and the notebook's matplotlib backend, which the
+    table's figure writer switches to Agg, is restored afterwards."""
     import contextlib
     import io
 
     import matplotlib
     backend = matplotlib.get_backend()
     with contextlib.redirect_stdout(io.StringIO()):
-        result = toy_table().run(out, quick=quick, progress=False, **overrides)
+        result = toy_table().run(out, quick=quick, progress=progress, **overrides)
     if matplotlib.get_backend() != backend:
         matplotlib.use(backend)
     return result
@@ -53,6 +62,42 @@ def table_metrics(summary: list[dict], keys=("nll", "mmd_x1e3", "coverage", "tv"
     {key: mean over seeds}}`` for the given metric keys, ready for ``Recorder.log``."""
     return {f"{r['setting']}/{r['method']}/{r['arm']}": {k: r[k] for k in keys if k in r}
             for r in summary}
+
+
+COMPACT = {"nll": ("NLL (nats)", 1.0), "mmd_x1e3": ("MMD² x1e3", 1.0),
+           "off_mode": ("off-mode %", 100.0)}
+COMPACT_HEADERS = [h for h, _ in COMPACT.values()]
+
+
+def compact_table(rows: list[dict], setting: str | None = None, keys=COMPACT
+                  ) -> dict[str, dict[str, list[float]]]:
+    """The toy table's per-seed rows (``run(...)["rows"]``) of one setting as ``"method arm" ->
+    {column header: [value per seed]}`` for ``keys`` (``key -> (header, scale)``), ready for
+    ``ddil_lab.notebook.markdown_table`` (mean ± std). Teacher rows keep their own names
+    (e.g. ``teacher 32-step (2nd draw)``)."""
+    setting = setting or rows[0]["setting"]
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        if r["setting"] != setting:
+            continue
+        name = r["arm"] if r["method"] == "teacher" else f"{r['method']} {r['arm']}"
+        d = out.setdefault(name, {h: [] for h, _ in keys.values()})
+        for k, (h, scale) in keys.items():
+            d[h].append(float(r[k]) * scale)
+    return out
+
+
+def table_verdicts(rows: list[dict], setting: str | None = None, key: str = "mmd_x1e3"
+                   ) -> list[str]:
+    """One ``notebook.verdict`` line per method and arm against that method's baseline."""
+    from ...notebook import verdict
+    setting = setting or rows[0]["setting"]
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["setting"] == setting and r["method"] != "teacher":
+            by.setdefault(f"{r['method']} {r['arm']}", []).append(r)
+    return [verdict(by, f"{name.split()[0]} baseline", name, key) for name in by
+            if not name.endswith(" baseline") and f"{name.split()[0]} baseline" in by]
 
 
 class StateSnapshots:
@@ -98,7 +143,7 @@ class StateSnapshots:
 def sources_run(backend, method: str = "pd", priors: dict | None = None, p_student: float = 0.5,
                 ramp_steps: int = 0, steps: int = 300, batch_size: int = 256, lr: float = 1e-3,
                 n_steps: int = 4, method_kw: dict | None = None, snapshot_every: int = 50,
-                n_snapshot: int = 1000, seed: int = 0):
+                n_snapshot: int = 1000, seed: int = 0, progress: bool = True):
     """Distil one student on states from all four sources and watch them as training proceeds.
 
     ``priors`` are the StateSampler's (``beta_frwd``, ``beta_teacher_bckwrd``,
@@ -114,7 +159,7 @@ def sources_run(backend, method: str = "pd", priors: dict | None = None, p_stude
                            ramp_steps=ramp_steps)
     snap = StateSnapshots(n_snapshot)
     res = distill(backend, m, sampler, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                  callbacks=(snap,), eval_every=snapshot_every, progress=False)
+                  callbacks=(snap,), eval_every=snapshot_every, progress=progress)
     return res, snap
 
 
@@ -156,31 +201,34 @@ def _source_scatter(ax, states, t, lim, n_show=400, gmm=None):
         scatter2d(torch.empty(0, 2), ax, gmm=gmm, lim=lim)
 
 
-def sources_over_training(snapshots, backend, grid, max_rows: int = 4, size: float = 2.1
-                          ) -> Figure:
-    """Training states as training proceeds, coloured by source (forward blue, teacher green,
-    student red, mixed orange): one row per snapshot (``StateSnapshots``), one column per
-    student timestep, with the priors in force at that step."""
+def snapshot_by_source(snapshots, backend, grid, snapshot: int = -1, n_show: int = 400,
+                       size: float = 2.0) -> Figure:
+    """Small multiples of one snapshot of the training states (``StateSnapshots``): one row
+    per source (forward blue, teacher green, student red, mixed orange), one column per
+    student timestep, each over the grey forward marginal q_t. Sources with no states in the
+    snapshot are left empty. For a slider over ``snapshot`` (an index; -1 the last)."""
     snaps = snapshots.snapshots if hasattr(snapshots, "snapshots") else snapshots
-    if len(snaps) > max_rows:
-        idx = [round(i * (len(snaps) - 1) / (max_rows - 1)) for i in range(max_rows)]
-        snaps = [snaps[i] for i in idx]
+    step, st, pri = snaps[int(snapshot)]
     S = backend.schedule
-    fig = Figure(figsize=(size * len(grid), size * len(snaps) + 0.5))
-    axs = fig.subplots(len(snaps), len(grid), squeeze=False)
+    fig = Figure(figsize=(size * len(grid) + 0.8, size * len(SOURCES) + 0.5),
+                 layout="constrained")
+    axs = fig.subplots(len(SOURCES), len(grid), squeeze=False)
     cache: dict = {}
-    for r, (step, st, pri) in enumerate(snaps):
+    for r, src in enumerate(SOURCES):
+        frac = float((st.source == r).double().mean())
         for c, t in enumerate(grid):
-            ax = axs[r, c]
-            shade_density(ax, backend, t, plot_limit(S, t), None, cache)
-            _source_scatter(ax, st, t, plot_limit(S, t))
+            ax, lim = axs[r, c], plot_limit(S, t)
+            shade_density(ax, backend, t, lim, None, cache)
+            at = states_at(st, t)
+            x = at.x_t[at.source == r][:n_show]
+            scatter2d(x, ax, color=SOURCE_COLORS[src], s=3, alpha=0.6, lim=lim)
             if r == 0:
                 ax.set_title(f"t = {t}", fontsize=9)
-        short = [f"{PRIOR_SHORT[k]} {v:.2f}" for k, v in pri.items()]
-        axs[r, 0].set_ylabel(f"step {step}\n{' '.join(short[:2])}\n{' '.join(short[2:])}",
-                             fontsize=7)
-    _source_legend(fig, axs[0, 0])
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+        axs[r, 0].set_ylabel(f"{src}\n{100 * frac:.0f}% of states", fontsize=8,
+                             color=SOURCE_COLORS[src])
+    short = ", ".join(f"{PRIOR_SHORT[k]} {v:.2f}" for k, v in pri.items())
+    fig.suptitle(f"training states at training step {step}, one row per source, over q_t (grey); "
+                 f"priors {short}", fontsize=9)
     return fig
 
 
@@ -193,9 +241,10 @@ def source_fractions(snapshots, size=(4.0, 2.6)) -> Figure:
     ax.stackplot(steps, [fr[s] for s in SOURCES], labels=SOURCES,
                  colors=[SOURCE_COLORS[s] for s in SOURCES], alpha=0.8)
     ax.set_xlabel("training step")
-    ax.set_ylabel("fraction of the batch")
+    ax.set_ylabel("fraction of the training states")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("where the training states come from", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -210,9 +259,10 @@ def source_losses(result, window: int = 20, size=(4.0, 2.6)) -> Figure:
         ax.plot(steps, vals, color=SOURCE_COLORS[src], label=src)
     ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_ylabel(f"{result.method.name} loss (avg of {window})")
+    ax.set_ylabel(f"{result.method.name} loss (moving avg of {window})")
+    ax.set_title("the student's loss by state source", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     return fig
 
