@@ -8,13 +8,17 @@ to the bound: the same network calls timed in a bare loop.
         # CPU: the same table at a tiny resolution (--shapes tiny-sd15 for the tiny pipeline)
 
 Per arm: ``distill`` runs ``warmup + steps`` steps at the recipe's per-GPU batch (PD 28, LCM 60,
-DMD2 7 by default; ``--batch``) and the mean time of the timed steps is reported, with peak
+DMD2 7 by default; ``--batch``) and the mean time of the timed steps is reported (DDIL arms:
+the buffers are filled before the first warmup step, ``StateSampler.fill``, timed apart as
+``fill_s``; the timed steps hold one refresh per ``--refresh`` steps), with peak
 memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of the process), next to the memory
 planner's prediction (``ddil_lab.sd.plan_memory``; on CPU it leaves out the process itself and
 the full attention matrices CPU attention keeps). The UNet calls of the last step are
 recorded (which network, batch, with or without gradient); the *bound* replays exactly those
 calls on random inputs in a bare loop, with a backward through each call that had gradient
 enabled and one AdamW step per trained network: the network work a step cannot avoid.
+The data's latents come from a latent cache (``--no-latent-cache``: the VAE encodes every
+batch, work outside the bound; on a CPU in bf16 it costs more than a UNet call).
 Targets: step <= 1.15 x bound; DDIL (aggregation buffer on) <= 1.3 x its baseline at equal
 batch. DDIL arms: PD mixed rollouts, LCM student rollouts, DMD2 student + mixed rollouts down
 to t = 500, each with a buffer (``--buffer``, refreshed every ``--refresh`` steps).
@@ -153,7 +157,19 @@ def bench_arm(backend, name, ddil, a, dev):
 
     method = make_method(name, ddil, a.n_steps)
     sampler = make_sampler(name, ddil, a.buffer, a.refresh)
-    log, stamps = CallLog(), []
+    log, stamps, fill_s = CallLog(), [], [0.0]
+    if sampler is not None and sampler.buffer_size:  # the one-off buffer fill: before step 0
+        draw = sampler.sample
+
+        def sample(backend_, spec, student, n, step=0, plan=None):
+            if not sampler.buffer:
+                _sync(dev)
+                t = time.perf_counter()
+                sampler.fill(backend_, spec, student, step, plan)
+                _sync(dev)
+                fill_s[0] = time.perf_counter() - t
+            return draw(backend_, spec, student, n, step, plan)
+        sampler.sample = sample
 
     total = a.warmup + a.steps
     log.on = total == 1  # record the UNet calls of the last step only
@@ -181,7 +197,7 @@ def bench_arm(backend, name, ddil, a, dev):
         res = distill(backend, method, sampler, steps=a.warmup + a.steps, batch_size=batch,
                       lr=1e-6, progress=False, callbacks=[tick], eval_every=1, seed=0)
     log.close()
-    step_s = [b - a_ for a_, b in zip([t0] + stamps, stamps)][a.warmup:]
+    step_s = [b - a_ for a_, b in zip([t0] + stamps, stamps)][a.warmup:]  # fill: step 0
     nets = {}
     for key, mod in method.modules().items():
         try:
@@ -195,7 +211,8 @@ def bench_arm(backend, name, ddil, a, dev):
     for n, _, g in log.calls:
         calls[f"{n}{'+bwd' if g else ''}"] = calls.get(f"{n}{'+bwd' if g else ''}", 0) + 1
     row = {"method": name, "ddil": ddil, "batch": batch, "s_per_step": sum(step_s) / len(step_s),
-           "bound_s": bound, "peak_GiB": mem.peak / 2 ** 30, "calls": calls,
+           "bound_s": bound, "fill_s": fill_s[0], "peak_GiB": mem.peak / 2 ** 30,
+           "calls": calls,
            "loss_finite": bool(torch.isfinite(torch.tensor(res.losses("loss/student"))).all())}
     row["x_bound"] = row["s_per_step"] / bound
     from ddil_lab.sd.memory import plan_memory
@@ -215,7 +232,8 @@ def main(argv=None):
     p.add_argument("--methods", default="pd,lcm,dmd2")
     p.add_argument("--resolution", type=int, default=0, help="0: 512 (SD1.5) / 1024 (SDXL)")
     p.add_argument("--batch", type=int, default=0, help="per step (0: the recipe's per GPU)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per arm")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per arm (a multiple of "
+                   "--refresh: the timed steps then hold their share of buffer refreshes)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--bound-repeats", type=int, default=2)
     p.add_argument("--n-steps", type=int, default=4, help="the student's steps")
@@ -223,6 +241,10 @@ def main(argv=None):
     p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument("--buffer", type=int, default=64, help="DDIL aggregation buffer (states)")
     p.add_argument("--refresh", type=int, default=8, help="refresh the buffer every k steps")
+    p.add_argument("--no-latent-cache", action="store_true",
+                   help="encode every batch's images with the VAE (outside the bound) instead "
+                        "of reading the dataset's latents from a cache, as a run with "
+                        "latent_cache does")
     p.add_argument("--models", default="runs/bench_full/models",
                    help="where the random pipelines are written (reused)")
     p.add_argument("--out", default="runs/bench_full")
@@ -248,10 +270,11 @@ def main(argv=None):
             g = torch.Generator().manual_seed(0)
             make_imagefolder(data, torch.rand(16, 3, 64, 64, generator=g) * 2 - 1,
                              [f"random image {i}" for i in range(16)])
+        cache = None if a.no_latent_cache else os.path.join(a.models, f"latents_{shape}.safetensors")
         be = SDBackend(folder, data=data,
                        guidance=(2.0, 8.0), mixed_precision=a.precision,
                        gradient_checkpointing=True, lora_rank=a.lora_rank, resolution=res,
-                       device=dev)
+                       device=dev, latent_cache=cache)
         a.shape = shape
         for name in a.methods.split(","):
             for ddil in (False, True):
@@ -275,13 +298,15 @@ def main(argv=None):
           + (f"LoRA rank {a.lora_rank}" if a.lora_rank else "full students")
           + f", {a.steps} timed steps after {a.warmup}")
     print(f"{'shape':<10}{'px':>6} {'method':<10}{'batch':>6}{'s/step':>10}{'bound s':>10}"
-          f"{'x bound':>9}{'x base':>8}{'peak GiB':>10}{'plan GiB':>10}  calls of one step")
+          f"{'x bound':>9}{'x base':>8}{'fill s':>8}{'peak GiB':>10}{'plan GiB':>10}"
+          f"  calls of the last step")
     for r in rows:
         arm = r["method"] + ("+ddil" if r["ddil"] else "")
         px = r["resolution"] if isinstance(r["resolution"], int) else \
             "x".join(map(str, r["resolution"]))
         print(f"{r['shape']:<10}{px:>6} {arm:<10}{r['batch']:>6}{r['s_per_step']:>10.3f}"
               f"{r['bound_s']:>10.3f}{r['x_bound']:>9.2f}{r['x_baseline']:>8.2f}"
+              f"{r['fill_s']:>8.1f}"
               f"{r['peak_GiB']:>10.2f}{r['plan_GiB']:>10.2f}  {r['calls']}")
     print("targets: x bound <= 1.15; DDIL x base <= 1.3")
     return info

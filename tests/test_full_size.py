@@ -291,3 +291,26 @@ def test_real_size_steps_export_and_memory(tmp_path):
     out = os.environ.get("DDIL_FULL_SIZE_REPORT")
     if out:
         Path(out).write_text(json.dumps(report, indent=1))
+
+
+# ---- the benchmark, on the tiny pipeline (the CPU form of experiments/bench_full.py) ----
+def test_bench_full_table_on_the_tiny_pipeline(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_full", ROOT / "experiments" / "bench_full.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    info = bench.main(["--device", "cpu", "--shapes", "tiny-sd15", "--methods", "pd,dmd2",
+                       "--resolution", "32", "--batch", "2", "--steps", "2", "--refresh", "2",
+                       "--buffer", "4", "--bound-repeats", "1", "--models", str(tmp_path / "m"),
+                       "--out", str(tmp_path / "out")])
+    rows = {(r["method"], r["ddil"]): r for r in info["rows"]}
+    assert set(rows) == {("pd", False), ("pd", True), ("dmd2", False), ("dmd2", True)}
+    for (m, ddil), r in rows.items():
+        assert r["loss_finite"] and r["s_per_step"] > 0 and r["bound_s"] > 0
+        assert r["calls"].get("student+bwd", 0) >= 1  # the step's own UNet calls were recorded
+        # buffers fill before step 0, apart from the timed steps (DMD2's baseline: backward
+        # simulation without a buffer)
+        assert (r["fill_s"] > 0) == ddil, r
+    assert json.loads((tmp_path / "out" / "bench_full.json").read_text())["rows"]
+    assert "x bound" in capsys.readouterr().out

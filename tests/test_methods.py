@@ -93,6 +93,16 @@ def test_sampler_priors_sources_and_buffer(ring):
     assert buf.nfe["student"] == used
     buf.sample(ring, spec, pd.student, 32, step=5)  # refresh
     assert buf.nfe["student"] > used
+    # fill: every buffer with a prior > 0 at once, and only once (benchmarks time it apart)
+    two = StateSampler(beta_frwd=0.5, beta_teacher_bckwrd=0.25, beta_mixed=0.25,
+                       buffer_size=16, refresh_every=5)
+    assert two.fill(ring, spec, pd.student) == ["teacher", "mixed"]
+    assert {k: len(v) for k, v in two.buffer.items()} == {"teacher": 16, "mixed": 16}
+    before = dict(two.nfe)
+    assert two.fill(ring, spec, pd.student) == []
+    two.sample(ring, spec, pd.student, 32, step=1)  # no refresh step: served from the buffers
+    assert two.nfe == before
+    assert StateSampler(beta_frwd=0.5, beta_mixed=0.5).fill(ring, spec, pd.student) == []
 
 
 def test_data_free_needs_no_forward_prior(ring):

@@ -137,12 +137,17 @@ def test_demo_tiny(tmp_path):
     assert {r["arm"] for r in arms} == {"baseline", "ddil"}
     _finite(arms, ["nll", "mmd_x1e3", "off_mode_class"]
             + [f"train_gap_t{t}" for t in res.ref.grid])
-    # the regime it shows is the regime map's cell (docs/results.md): 12 narrow modes in 3
-    # classes under w = 6, randomly initialised width-32 students, balanced evaluation labels
+    # the regime it shows is the regime map's cell (docs/results.md): 12 modes of std 0.06 in
+    # 3 classes under w = 9, pretrained width-128 students, balanced evaluation labels
     be = res.backend
-    assert (be.gmm.name, be.gmm.K, be.gmm.num_classes, be.guidance) == ("ring12_cond3", 12, 3, 6.0)
-    assert (be.student_init, be.hidden) == ("random", 32)
+    assert (be.gmm.name, be.gmm.K, be.gmm.num_classes, be.guidance) == ("ring12_cond3", 12, 3, 9.0)
+    assert torch.allclose(be.gmm.covs, 0.06 ** 2 * torch.eye(2, dtype=torch.float64))
+    assert (be.student_init, be.hidden) == ("pretrained", 128)
     assert torch.bincount(res.ref.cond).tolist() == [100, 100, 100]
+    other = demo.main(["--quick", "--out", str(tmp_path / "ring8"), "--setting", "ring8"])
+    assert other.backend.gmm.name == "ring8" and other.backend.guidance == 1.0
+    with pytest.raises(SystemExit, match="--std applies to --setting guided12 only"):
+        demo.main(["--quick", "--out", str(tmp_path / "x"), "--setting", "ring8", "--std", "0.1"])
 
 
 def test_bench_tiny(capsys):

@@ -47,7 +47,7 @@ HUB_SHAPES = {"runwayml/stable-diffusion-v1-5": "sd15",
 # bytes autograd keeps per sample and latent pixel (bf16 autocast), measured with
 # ``activation_bytes_per_pixel(shape, checkpointing)`` (tests/test_full_size.py re-measures them)
 ACTIVATIONS = {("sd15", False): 500_000, ("sd15", True): 75_500,
-               ("ssd1b", False): 570_000, ("ssd1b", True): 60_200,
+               ("ssd1b", False): 562_000, ("ssd1b", True): 58_300,
                ("sdxl", False): 939_000, ("sdxl", True): 71_700}
 RECOMPUTE = 0.15  # checkpointing: one block's recompute, as a fraction of the full activations
 GPUS = {"24 GiB (RTX 4090 / A10)": 24, "40 GiB (A100-40)": 40, "80 GiB (A100 / H100)": 80,

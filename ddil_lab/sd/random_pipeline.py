@@ -15,8 +15,8 @@ The configs below are the published ones (the architecture keys of each checkpoi
 ``tests/test_full_size.py`` on the meta device, no memory):
 
     UNet          SD1.5 859,520,964; SDXL 2,567,463,684 (both the published counts exactly);
-                  SSD-1B 1,316,253,444 (SDXL with the transformer depth 1-2-4; published:
-                  "1.3B"; the mid block keeps 4 layers as the last down block)
+                  SSD-1B 1,331,334,404 (published: "1.3B"; the layout below is the one
+                  ComfyUI's model detection reads off the real checkpoint's weights)
     VAE           83,653,863 (SD1.5 and SDXL share the architecture; SDXL's scaling 0.13025)
     text encoder  CLIP ViT-L/14 123,060,480; SDXL's second, OpenCLIP ViT-bigG/14 with its
                   projection, 694,659,840
@@ -57,8 +57,14 @@ _SDXL_UNET = dict(
     cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
     norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0)
-# SSD-1B: SDXL's UNet with the 1280-channel transformer stacks cut from 10 to 4 layers
-_SSD1B_UNET = {**_SDXL_UNET, "transformer_layers_per_block": [1, 2, 4]}
+# SSD-1B: SDXL's UNet with transformer stacks cut unevenly (down 2, 4 layers per attention;
+# up, deepest first: 4-4-10 at 1280 channels and 2-1-1 at 640) and a mid block of one ResNet
+# without attention (diffusers' "UNetMidBlock2D"), as ComfyUI's model detection reads it off
+# the segmind/SSD-1B weights (transformer_depth [0,0,2,2,4,4], output [0,0,0,1,1,2,10,4,4],
+# middle -1). Not checked against the checkpoint's own config.json (no download here).
+_SSD1B_UNET = {**_SDXL_UNET, "transformer_layers_per_block": [1, 2, 4],
+               "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], [1, 1, 1]],
+               "mid_block_type": "UNetMidBlock2D"}
 
 _VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
             block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
