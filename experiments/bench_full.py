@@ -9,8 +9,8 @@ to the bound: the same network calls timed in a bare loop.
 
 Per arm: ``distill`` runs ``warmup + steps`` steps at the recipe's per-GPU batch (PD 28, LCM 60,
 DMD2 7 by default; ``--batch``) and the mean time of the timed steps is reported (DDIL arms:
-the buffers are filled before the first warmup step, ``StateSampler.fill``, timed apart as
-``fill_s``; the timed steps hold one refresh per ``--refresh`` steps), with peak
+the buffers are filled at the start of the first warmup step, ``StateSampler.fill``, timed
+apart as ``fill_s``; the timed steps hold one refresh per ``--refresh`` steps), with peak
 memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of the process), next to the memory
 planner's prediction (``ddil_lab.sd.plan_memory``; on CPU it leaves out the process itself and
 the full attention matrices CPU attention keeps). The UNet calls of the last step are

@@ -3,9 +3,10 @@
     python -m ddil_lab.toy.demo --out runs/demo
 
 The teacher is the exact posterior mean of a class-conditional 2D mixture under classifier-free
-guidance (w = 9 by default), as text-to-image students are distilled under guidance: ``guided12``, the
-regime map's ring of 12 narrow modes (std 0.04) in 3 classes with unequal weights. Two
-students, trained with the same steps, batch and learning rate:
+guidance (w = 9 by default), as text-to-image students are distilled under guidance: the
+regime map's ring of 12 modes in 3 classes with unequal weights (``guided12``, here at mode std
+0.06 by default; ``--std``). Two students, trained with the same steps, batch and learning
+rate:
 
     baseline   PD on forward-diffused states x_t ~ q_t(x | c) only
     ddil       PD on half forward states, half states of mixed teacher/student rollouts
@@ -21,9 +22,8 @@ The default is a regime-map cell where DDIL pays for students that are also reas
 samplers: students that start from the pretrained MLP (width 128) under strong guidance (w = 9)
 on the 12-mode, 3-class ring at mode std 0.06, at the table's budget (300 steps x batch 256);
 in the map ΔSW x1e3 was -16.7 ± 3.1 there, and at w <= 3 the same students gained nothing
-measurable. Randomly
-initialised students (``--init random --hidden 32 --guidance 6``) gain far more but remain
-poor samplers (most samples off their class's modes). See docs/results.md.
+measurable. Randomly initialised students (``--init random --hidden 32 --guidance 6``) gain far
+more but remain poor samplers (most samples off their class's modes). See docs/results.md.
 """
 
 from __future__ import annotations
