@@ -35,7 +35,6 @@ Writes under ``--out``: ``rows.csv`` (one row per cell x arm x seed), ``deltas.c
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -382,15 +381,8 @@ def markdown(cfg, budgets, names, deltas, corr, diag, elapsed, times, load) -> s
 
 
 def _write(out, rows, deltas, md, meta) -> list[str]:
-    def dump(path, recs):
-        keys = list(dict.fromkeys(k for r in recs for k in r))
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, keys, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(recs)
-        return path
-    paths = [dump(os.path.join(out, "rows.csv"), rows),
-             dump(os.path.join(out, "deltas.csv"), deltas)]
+    paths = [tx.write_csv(os.path.join(out, "rows.csv"), rows),
+             tx.write_csv(os.path.join(out, "deltas.csv"), deltas)]
     paths.append(os.path.join(out, "map.json"))
     with open(paths[-1], "w") as f:
         json.dump(meta, f, indent=1, default=str)

@@ -217,15 +217,8 @@ def run(out: str = "runs/toy_table", quick: bool = False, progress: bool = True,
 
 
 def _write(out: str, rows: list[dict], summary: list[dict], md: str) -> list[str]:
-    def dump(path, recs):
-        keys = list(dict.fromkeys(k for r in recs for k in r if k != "hist"))
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, keys, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(recs)
-        return path
-    paths = [dump(os.path.join(out, "results.csv"), rows),
-             dump(os.path.join(out, "summary.csv"), summary)]
+    paths = [tx.write_csv(os.path.join(out, "results.csv"), rows, skip=("hist",)),
+             tx.write_csv(os.path.join(out, "summary.csv"), summary, skip=("hist",))]
     paths.append(os.path.join(out, "table.md"))
     with open(paths[-1], "w") as f:
         f.write(md)

@@ -5,8 +5,10 @@ Launches run in parallel (they mostly wait for imports), so each takes a rendezv
 no other launch of this session takes, chosen below the OS's ephemeral range: the local ports of
 the many connections gloo opens between processes come from that range, so one of them can
 never take a port chosen here between ``free_port`` and the launcher's bind. A launch whose
-port was taken anyway (another program on the machine) is started again on a new port."""
+port was taken anyway (another program on the machine) is started again on a new port.
+Also ``interrupted_copy``, a run folder cut back to an earlier checkpoint (the resume tests)."""
 import json
+from pathlib import Path
 import os
 import random
 import socket
@@ -129,3 +131,16 @@ class TwoProcessSampler(StateSampler):
             self.streams[r] = torch.get_rng_state()
         torch.set_rng_state(self.streams[0])
         return States.cat(parts)
+
+
+def interrupted_copy(reference, dst, at: int = 6) -> str:
+    """A copy of the run folder ``reference`` as if the run had died after its step-``at``
+    checkpoint: later checkpoints removed, ``latest`` pointing at step ``at``."""
+    import shutil
+
+    shutil.copytree(reference, dst)
+    for d in os.listdir(dst):
+        if d.startswith("step_") and int(d[5:]) > at:
+            shutil.rmtree(os.path.join(dst, d))
+    (Path(dst) / "latest").write_text(f"step_{at:07d}")
+    return str(dst)

@@ -20,6 +20,7 @@ from ddil_lab.toy.backend import Toy2dBackend
 from ddil_lab.train import NonFiniteError, distill
 from ddil_lab.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
                                        meta_digest)
+from launching import interrupted_copy
 
 RUN = {"steps": 12, "batch_size": 32, "lr": 1e-3, "ema_decay": 0.9, "ckpt_every": 3, "seed": 1,
        "keep_checkpoints": 0, "progress": False, "lr_schedule": "linear", "warmup": 2}
@@ -43,15 +44,6 @@ def reference(ring, tmp_path_factory):
     _run(ring, out)
     return str(out)
 
-
-def _interrupted(reference, dst, at=6) -> str:
-    """The reference run as if it had died after its step-``at`` checkpoint."""
-    shutil.copytree(reference, dst)
-    for d in os.listdir(dst):
-        if d.startswith("step_") and int(d[5:]) > at:
-            shutil.rmtree(os.path.join(dst, d))
-    (dst / "latest").write_text(f"step_{at:07d}")
-    return str(dst)
 
 
 def _same_end(a, b):
@@ -138,7 +130,7 @@ def test_tampered_metadata_is_corrupt_and_falls_back_bitwise(ring, reference, tm
         raise AssertionError("something was unpickled")
     for mod, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
         monkeypatch.setattr(mod, name, refuse)
-    out = _interrupted(reference, tmp_path / "run")
+    out = interrupted_copy(reference, tmp_path / "run")
     tamper, reason = TAMPERED[kind]
     tamper(tmp_path / "run" / "step_0000006")
     with pytest.warns(UserWarning, match="step_0000006 is corrupt or incomplete") as rec:
@@ -184,7 +176,7 @@ def other_backends():
 @pytest.mark.parametrize("name,change,pattern", MISMATCHED, ids=[m[0] for m in MISMATCHED])
 def test_resume_of_another_run_is_refused_naming_both_values(ring, reference, tmp_path,
                                                              other_backends, name, change, pattern):
-    out = _interrupted(reference, tmp_path / "run")
+    out = interrupted_copy(reference, tmp_path / "run")
     kw = dict(change)
     backend = other_backends[kw.pop("backend")] if "backend" in kw else ring
     if "tamper" in kw:
@@ -199,7 +191,7 @@ def test_resume_of_another_run_is_refused_naming_both_values(ring, reference, tm
 # settings changed on purpose: applied, warned about, recorded
 # ---------------------------------------------------------------------------------------------
 def test_changed_optimizer_settings_are_applied_warned_and_recorded(ring, reference, tmp_path):
-    out = _interrupted(reference, tmp_path / "run")
+    out = interrupted_copy(reference, tmp_path / "run")
     with pytest.warns(UserWarning, match=r"step 6 with changed settings.*lr: 0.001 -> 0.0005.*"
                                          r"weight_decay: 0.0 -> 0.01.*grad_clip: 1.0 -> 0.5"):
         res = _run(ring, out, resume=True, lr=5e-4, weight_decay=0.01, grad_clip=0.5)

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 sys.path.insert(0, EXPERIMENTS)
 import train_toy
-from launching import TwoProcessSampler, finish, gloo, launch, per_process
+from launching import TwoProcessSampler, finish, gloo, interrupted_copy, launch, per_process
 
 # Every piece of state a checkpoint must carry: DMD2's critic + GAN head and two optimizers,
 # EMA, a warmup + cosine schedule, mixed / student rollouts and the aggregation buffer.
@@ -202,15 +202,6 @@ def pd_reference(ring, tmp_path_factory):
     return str(out)
 
 
-def _interrupted_copy(reference: str, dst, at: int = 6) -> str:
-    """A copy of the reference run as if it had died after its step-``at`` checkpoint."""
-    shutil.copytree(reference, dst)
-    for d in os.listdir(dst):
-        if d.startswith("step_") and int(d[5:]) > at:
-            shutil.rmtree(os.path.join(dst, d))
-    (dst / "latest").write_text(f"step_{at:07d}")
-    return str(dst)
-
 
 def _truncate(p):
     data = p.read_bytes()
@@ -234,7 +225,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
 def test_corrupt_latest_checkpoint_falls_back_bitwise(ring, pd_reference, tmp_path, kind):
-    out = _interrupted_copy(pd_reference, tmp_path / "run")
+    out = interrupted_copy(pd_reference, tmp_path / "run")
     (tmp_path / "run" / ".tmp_ckpt_crashed").mkdir()  # a save that died half-way
     CORRUPTIONS[kind](tmp_path / "run" / "step_0000006")
     with pytest.warns(UserWarning, match="corrupt or incomplete") if kind in (
@@ -253,7 +244,7 @@ class _no_op:
 
 
 def test_all_checkpoints_corrupt_is_an_error_not_a_silent_restart(ring, pd_reference, tmp_path):
-    out = _interrupted_copy(pd_reference, tmp_path / "run")
+    out = interrupted_copy(pd_reference, tmp_path / "run")
     for d in ("step_0000003", "step_0000006"):
         _truncate(tmp_path / "run" / d / "tensors.safetensors")
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no usable checkpoint"):
@@ -267,13 +258,13 @@ def test_resume_unpickles_nothing(ring, pd_reference, tmp_path, monkeypatch):
         raise AssertionError("something was unpickled")
     for mod, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
         monkeypatch.setattr(mod, name, refuse)
-    out = _interrupted_copy(pd_reference, tmp_path / "run")
+    out = interrupted_copy(pd_reference, tmp_path / "run")
     _pd_run(ring, out, resume=True)
     assert_same_run(out, pd_reference)
 
 
 def test_resume_with_other_settings_is_refused(ring, pd_reference, tmp_path):
-    out = _interrupted_copy(pd_reference, tmp_path / "run")
+    out = interrupted_copy(pd_reference, tmp_path / "run")
     with pytest.raises(CheckpointError, match=r"batch_size=32.*batch_size=16"):
         _pd_run(ring, out, resume=True, batch_size=16)
 

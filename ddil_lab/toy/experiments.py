@@ -28,6 +28,7 @@ Typical use in a notebook::
 
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass, field
 
@@ -465,3 +466,14 @@ __all__ = ["SETTINGS", "Reference", "SettingResult", "TeacherSampler", "balanced
            "evaluate_trajectory", "make_backend", "make_reference", "mean_std", "paired_deltas",
            "reference_rows", "run_setting", "save_figures", "summarise", "support_violations",
            "training_state_mismatch"]
+
+
+def write_csv(path: str, records: list[dict], skip=()) -> str:
+    """Records as one CSV: the union of their keys (but ``skip``) in first-seen order, blanks
+    where a record lacks a key; returns ``path``."""
+    keys = list(dict.fromkeys(k for r in records for k in r if k not in skip))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(records)
+    return path
