@@ -69,24 +69,31 @@ class Schedule:
         alpha_bar = torch.cumprod(1.0 - betas, dim=0)
         # One extra entry at the end holds alpha_bar = 1, so that index t = -1 is the clean state.
         self.alpha_bar = torch.cat([alpha_bar, torch.ones(1)])  # (T + 1,)
+        # the tables alpha(t), sigma(t) look up, shifted by one (entry 0 is t = -1): an index
+        # t + 1 is cheaper than wrapping -1 around on every call
+        ab = torch.cat([torch.ones(1), alpha_bar])
+        self._tables = {"alpha_bar": ab, "alpha": ab.sqrt(), "sigma": (1.0 - ab).clamp_min(0).sqrt()}
 
     def __repr__(self) -> str:
         return f"Schedule(kind={self.kind!r}, T={self.T})"
 
-    def _table(self, t) -> torch.Tensor:
+    def _table(self, t, name: str = "alpha_bar") -> torch.Tensor:
         t = torch.as_tensor(t)
         if t.dtype.is_floating_point:
             raise TypeError(f"timesteps must be integers in [-1, {self.T - 1}], got dtype {t.dtype}")
-        if t.numel() and (int(t.min()) < -1 or int(t.max()) > self.T - 1):
-            raise ValueError(f"timestep out of range: allowed [-1, {self.T - 1}], "
-                             f"got min {int(t.min())}, max {int(t.max())}")
-        return self.alpha_bar.to(t.device)[t.long()]
+        if t.numel():
+            lo, hi = (int(v) for v in torch.aminmax(t))  # one pass: this runs on every call
+            if lo < -1 or hi > self.T - 1:
+                raise ValueError(f"timestep out of range: allowed [-1, {self.T - 1}], "
+                                 f"got min {lo}, max {hi}")
+        table = self._tables[name].to(t.device)  # index_select: several times faster than []
+        return table.index_select(0, t.reshape(-1).long() + 1).reshape(t.shape)
 
     def alpha(self, t) -> torch.Tensor:
-        return self._table(t).sqrt()
+        return self._table(t, "alpha")
 
     def sigma(self, t) -> torch.Tensor:
-        return (1.0 - self._table(t)).clamp_min(0).sqrt()
+        return self._table(t, "sigma")
 
     def snr(self, t) -> torch.Tensor:
         """alpha^2 / sigma^2 (infinite at t = -1)."""

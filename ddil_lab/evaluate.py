@@ -29,8 +29,15 @@ import sys
 
 import torch
 
+from .hub import check_pipeline_folder, missing_model
+from .validation import (ConfigError, MissingPath, check_bool, check_choice, check_device,
+                         check_int, check_number, check_out_dir, cli_exit, fail, is_int,
+                         parse_list)
+
+PICKLE_SWITCH = "allow_pickle=True (--allow-pickle)"
 PROTOCOL_NAMES = ("coco5k", "coco30k", "cifar10-50k")
 SAMPLERS = ("auto", "pipeline", "ddim", "consistency")
+UNCONDITIONAL = ("DDPMPipeline", "DDIMPipeline")  # sampled with our sampler by default
 
 
 def local_pipeline(model: str) -> str:
@@ -41,33 +48,68 @@ def local_pipeline(model: str) -> str:
     return str(pipeline_folder(model, patterns=None))
 
 
-def _pipeline_class(folder: str) -> str:
-    path = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no "
-                                "model_index.json)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f).get("_class_name", "")
-
-
-def _check(protocol, captions, images, root, n, batch_size):
+def _check(protocol, captions, images, root, n, batch_size, **kw):
+    """Every argument of ``evaluate``, before any network is loaded or image generated."""
     if protocol not in PROTOCOL_NAMES:
-        raise ValueError(f"protocol={protocol!r} is not one of {PROTOCOL_NAMES}")
+        raise ConfigError(f"protocol={protocol!r} is not one of {PROTOCOL_NAMES}")
     if protocol.startswith("coco"):
         if captions is None or not os.path.isfile(captions):
-            raise FileNotFoundError(f"captions={captions!r}: protocol {protocol} needs the COCO "
-                                    "captions file (annotations/captions_val2017.json, or "
-                                    "captions_val2014.json for coco30k)")
+            raise MissingPath(f"captions={captions!r}: protocol {protocol} needs the COCO "
+                              "captions file (annotations/captions_val2017.json, or "
+                              "captions_val2014.json for coco30k)")
         if images is not None and not os.path.isdir(images):
-            raise FileNotFoundError(f"images={images!r}: no such folder (the COCO val images)")
+            raise MissingPath(f"images={images!r}: no such folder (the COCO val images)")
     elif root is None or not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
-        raise FileNotFoundError(f"root={root!r}: protocol cifar10-50k needs the folder holding "
-                                "cifar-10-batches-py/ (the reference statistics are of CIFAR-10 "
-                                "train)")
-    if n is not None and not (isinstance(n, int) and n >= 2):
-        raise ValueError(f"n={n!r} must be an int >= 2 (or None: the protocol's count)")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
+        raise MissingPath(f"root={root!r}: protocol cifar10-50k needs the folder holding "
+                          "cifar-10-batches-py/ (the reference statistics are of CIFAR-10 "
+                          "train)")
+    if n is not None and not (is_int(n) and n >= 2):
+        raise ConfigError(f"n={n!r} must be an int >= 2 (or None: the protocol's count)")
+    if not (is_int(batch_size) and batch_size >= 1):
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive int")
+    check_choice("sampler", kw["sampler"], SAMPLERS)
+    check_out_dir("out_dir", kw["out_dir"])
+    check_int("seed", kw["seed"], 0)
+    check_device("device", kw["device"])
+    check_int("steps", kw["steps"], 1, none=True)
+    check_number("guidance_scale", kw["guidance_scale"], 0.0, none=True,
+                 why="a negative guidance scale pushes samples away from the prompt")
+    ts = kw["timesteps"]
+    if ts is not None:
+        allowed = "None or a non-empty list of distinct ints >= 0 in descending order"
+        if not (isinstance(ts, (list, tuple)) and ts and all(is_int(t) for t in ts)):
+            fail("timesteps", ts, allowed)
+        if any(t < 0 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+            fail("timesteps", list(ts), allowed, "samplers walk from the noisiest timestep down")
+        if kw["steps"] is not None:
+            fail("steps", kw["steps"], "None when timesteps are given",
+                 f"timesteps={list(ts)} already fix the grid")
+    if protocol == "cifar10-50k" and kw["guidance_scale"] is not None:
+        fail("guidance_scale", kw["guidance_scale"], "None for cifar10-50k",
+             "the protocol samples an unconditional model")
+    check_int("lpips_prompts", kw["lpips_prompts"], 0)
+    if kw["lpips_prompts"]:
+        check_int("lpips_seeds", kw["lpips_seeds"], 2,
+                  why="LPIPS diversity compares images of the same prompt, so it needs 2 or more")
+    if kw["hps"] not in ("auto", True, False):
+        fail("hps", kw["hps"], "'auto', True or False")
+    check_bool("allow_pickle", kw["allow_pickle"])
+    check_bool("progress", kw["progress"])
+
+
+def _check_folder(folder: str, model: str, allow_pickle: bool, timesteps) -> dict:
+    """The pipeline folder's model_index.json after checking its components and weights (no
+    pickles unless allowed) and that the timesteps lie on its scheduler's range."""
+    config = check_pipeline_folder(folder, allow_pickle, switch=PICKLE_SWITCH)
+    sched = os.path.join(folder, "scheduler", "scheduler_config.json")
+    T = 1000
+    if os.path.isfile(sched):
+        with open(sched, encoding="utf-8") as f:
+            T = int(json.load(f).get("num_train_timesteps", 1000))
+    if timesteps is not None and max(timesteps) > T - 1:
+        fail("timesteps", list(timesteps), f"ints in [0, {T - 1}] (the scheduler of {model} "
+             f"has T={T})", "a timestep is out of range")
+    return config
 
 
 def call_kwargs(folder: str, steps=None, guidance_scale=None, timesteps=None) -> dict:
@@ -93,27 +135,45 @@ def evaluate(model: str, protocol: str, out_dir: str, *, captions=None, images=N
              steps: int | None = None, guidance_scale: float | None = None, timesteps=None,
              sampler: str = "auto", features=None, fid_weights=None, clip=None,
              lpips_model=None, lpips_prompts: int = 50, lpips_seeds: int = 10, hps="auto",
-             cache_dir=None, progress: bool = True) -> dict:
+             cache_dir=None, progress: bool = True, allow_pickle: bool = False) -> dict:
     """Evaluate a pipeline folder or hub id with a named protocol; writes ``metrics.json`` (with
     the protocol, the model and how it was sampled) and ``samples.png`` under ``out_dir``.
 
     ``features`` / ``clip`` / ``lpips_model`` replace the standard networks (tests pass tiny
-    ones); the rest are the command-line options (``main``)."""
+    ones); the rest are the command-line options (``main``). Every argument is checked first
+    (``ConfigError`` naming it); only safetensors weights load unless ``allow_pickle``."""
     from .metrics import InceptionFeatures, lpips_model as load_lpips
 
-    _check(protocol, captions, images, root, n, batch_size)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
+    if not isinstance(model, (str, os.PathLike)) or not os.fspath(model):
+        fail("model", model, "a pipeline folder or a hub id 'owner/name'")
+    model = os.fspath(model)
+    _check(protocol, captions, images, root, n, batch_size, out_dir=out_dir, seed=seed,
+           device=device, steps=steps, guidance_scale=guidance_scale, timesteps=timesteps,
+           sampler=sampler, lpips_prompts=lpips_prompts, lpips_seeds=lpips_seeds, hps=hps,
+           allow_pickle=allow_pickle, progress=progress)
+    if os.path.isdir(model):  # a local folder is checked before any network loads
+        _check_folder(model, model, allow_pickle, timesteps)
+    else:
+        missing_model(model)  # not a hub id either: no such folder
     # every network first: a missing download fails before any image is generated
     if features is None and (protocol == "cifar10-50k" or images is not None):
         features = InceptionFeatures(weights=fid_weights)
     if features is not None and hasattr(features, "to"):
         features = features.to(device)
     folder = local_pipeline(model)
+    index = _check_folder(folder, model, allow_pickle, timesteps)
+    if protocol == "cifar10-50k" and steps is None and timesteps is None and sampler != \
+            "pipeline" and (sampler != "auto" or index.get("_class_name") in UNCONDITIONAL):
+        from .image.pretrained import student_info
+
+        if "timesteps" not in (student_info(folder) or {}):
+            fail("steps", None, "an int >= 1 (e.g. 4), or timesteps, or sampler='pipeline'",
+                 f"{model} is not an exported student, so it records no grid to sample on")
+    safe = {"use_safetensors": None if allow_pickle else True}
     os.makedirs(out_dir, exist_ok=True)
     if protocol == "cifar10-50k":
-        res = _evaluate_cifar(folder, out_dir, root, n, seed, batch_size, device, steps,
-                              timesteps, sampler, features, cache_dir, progress)
+        res = _evaluate_cifar(folder, index, out_dir, root, n, seed, batch_size, device, steps,
+                              timesteps, sampler, features, cache_dir, progress, allow_pickle)
     else:
         from .sd.metrics import evaluate_protocol, load_clip, pipeline_generator
 
@@ -122,7 +182,7 @@ def evaluate(model: str, protocol: str, out_dir: str, *, captions=None, images=N
             lpips_model = load_lpips(device=device)
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(folder).to(device)
+        pipe = DiffusionPipeline.from_pretrained(folder, **safe).to(device)
         pipe.set_progress_bar_config(disable=True)
         kw = call_kwargs(folder, steps, guidance_scale, timesteps)
         resolution = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
@@ -139,8 +199,8 @@ def evaluate(model: str, protocol: str, out_dir: str, *, captions=None, images=N
     return res
 
 
-def _evaluate_cifar(folder, out_dir, root, n, seed, batch_size, device, steps, timesteps,
-                    sampler, features, cache_dir, progress) -> dict:
+def _evaluate_cifar(folder, index, out_dir, root, n, seed, batch_size, device, steps, timesteps,
+                    sampler, features, cache_dir, progress, allow_pickle) -> dict:
     from .diffusion import timesteps as grid_of
     from .image.backend import teacher_shape
     from .image.pretrained import load_student
@@ -149,28 +209,25 @@ def _evaluate_cifar(folder, out_dir, root, n, seed, batch_size, device, steps, t
 
     ref = cifar10_reference(root, features, cache_dir=cache_dir)
     n = CIFAR10_50K["n_samples"] if n is None else n
-    cls = _pipeline_class(folder)
-    if sampler == "pipeline" or (sampler == "auto" and cls not in ("DDPMPipeline",
-                                                                    "DDIMPipeline")):
+    cls = index.get("_class_name", "")
+    if sampler == "pipeline" or (sampler == "auto" and cls not in UNCONDITIONAL):
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(folder).to(device)
+        pipe = DiffusionPipeline.from_pretrained(
+            folder, use_safetensors=None if allow_pickle else True).to(device)
         pipe.set_progress_bar_config(disable=True)
         kw = {"num_inference_steps": steps} if steps is not None else {}
         gen, how = pipeline_generator(pipe, **kw), {"pipeline": cls, "call": kw}
     else:
-        den, info = load_student(folder, device)
+        den, info = load_student(folder, device, allow_pickle)
         base = getattr(den, "denoiser", den)  # a ConsistencyFn wraps the loaded UNet
         kind = info.get("sampler", "ddim") if sampler == "auto" else sampler
         if timesteps is not None:
             grid = [int(t) for t in timesteps]
         elif steps is not None:
             grid = grid_of(steps, base.schedule.T).tolist()
-        elif "timesteps" in info:
+        else:  # an exported student's grid (evaluate checked that there is one)
             grid = info["timesteps"]
-        else:
-            raise ValueError(f"{folder} is not an exported student: give steps (e.g. 4) or "
-                             "timesteps for the DDIM sampler, or sampler='pipeline'")
         gen = policy_generator(den, base.schedule, grid, kind, teacher_shape(base), device)
         how = {"sampler": kind, "timesteps": grid, "student": bool(info)}
     res = evaluate_unconditional(gen, ref, out_dir, features=features, n=n, seed=seed,
@@ -207,14 +264,17 @@ def main(argv=None) -> dict:
     p.add_argument("--cache-dir", default=None, help="FID reference statistics (npz); default "
                                                      "$DDIL_FID_CACHE or ~/.cache/ddil_lab")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true", help="also load pickled .bin "
+                   "weights (unpickling runs code: only for a folder you trust)")
     a = p.parse_args(argv)
-    ts = [int(t) for t in a.timesteps.split(",")] if a.timesteps else None
+    ts = list(parse_list("timesteps", a.timesteps, int)) if a.timesteps is not None else None
     res = evaluate(a.model, a.protocol, a.out, captions=a.captions, images=a.images, root=a.root,
                    n=a.n, seed=a.seed, batch_size=a.batch_size, device=a.device, steps=a.steps,
                    guidance_scale=a.guidance_scale, timesteps=ts, sampler=a.sampler,
                    fid_weights=a.fid_weights, lpips_prompts=a.lpips_prompts,
                    lpips_seeds=a.lpips_seeds, hps=False if a.no_hps else "auto",
-                   cache_dir=a.cache_dir, progress=not a.no_progress)
+                   cache_dir=a.cache_dir, progress=not a.no_progress,
+                   allow_pickle=a.allow_pickle)
     keys = ("fid", "clip_score", "lpips_diversity", "hpsv2")
     print(json.dumps({"protocol": res["protocol"]["name"], "n_images": res["n_images"],
                       **{k: res.get(k) for k in keys if k in res}}))
@@ -222,4 +282,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(cli_exit(main, "python -m ddil_lab.evaluate"))

@@ -280,25 +280,87 @@ def explore(draw: Callable, controls: dict, values: dict, recorder: Recorder | N
 
 
 def _assigned_names(src: str) -> list[str]:
+    return list(_assignments(src))
+
+
+def _assignments(src: str) -> dict:
+    """name -> (annotation text or None, literal value or ``_NOT_LITERAL``) of a cell's
+    top-level assignments."""
     import ast
-    names = []
+    out = {}
     for node in ast.parse(src).body:
         targets = [node.target] if isinstance(node, ast.AnnAssign) else \
             node.targets if isinstance(node, ast.Assign) else []
-        names += [t.id for t in targets if isinstance(t, ast.Name)]
-    return names
+        ann = ast.unparse(node.annotation) if isinstance(node, ast.AnnAssign) else None
+        try:
+            value = ast.literal_eval(node.value) if node.value is not None else _NOT_LITERAL
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            value = _NOT_LITERAL
+        out.update({t.id: (ann, value) for t in targets if isinstance(t, ast.Name)})
+    return out
+
+
+_NOT_LITERAL = object()
+# the types a parameter's annotation names (``Optional[X]``: None or X)
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list,),
+          "dict": (dict,)}
+
+
+def _check_value(name: str, ann: str, value) -> None:
+    """One injected parameter against its annotation and, for the names the notebooks share,
+    its range; ``ConfigError`` naming it."""
+    from .validation import (check_int, check_number, check_out_dir, fail, is_number,
+                             parse_seeds)
+
+    optional = ann.startswith("Optional[") and ann.endswith("]")
+    base = ann[9:-1] if optional else ann
+    if value is None and optional:
+        return
+    kinds = _TYPES.get(base)
+    if kinds is not None:
+        ok = isinstance(value, kinds) and (base == "bool" or not isinstance(value, bool))
+        if ok and base == "float":
+            ok = is_number(value)
+        if not ok:
+            fail(name, value, ("None or " if optional else "") + f"a {base} (the parameter's "
+                 f"annotation)")
+    if name in _POSITIVE:
+        check_int(name, value, 1)
+    elif name in _FRACTIONS:
+        check_number(name, value, 0.0, 1.0)
+    elif name == "lr":
+        check_number(name, value, 0.0, 1.0, lo_open=True)
+    elif name == "seeds":
+        parse_seeds(name, value, 1)
+    elif name == "out_dir":
+        check_out_dir(name, value)
+
+
+# ranges of the parameter names the notebooks share (their annotations give the types)
+_POSITIVE = ("n_eval", "n_steps", "steps", "batch_size", "substeps", "pd_substeps",
+             "critic_steps", "fine_steps", "init_steps", "dmd2_steps", "dmd2_batch_size",
+             "eval_every", "n_snapshot", "snapshot_every", "teacher_steps", "classifier_steps")
+_FRACTIONS = ("ddil_share", "share", "p_student")
 
 
 def check_parameters(history: list[str] | None = None) -> list[str]:
-    """Stop a papermill run whose injected parameters the notebook does not define.
+    """Stop a papermill run whose injected parameters the notebook does not define, or whose
+    values it does not allow.
 
     papermill runs a notebook's ``parameters`` cell, then its own injected cell (which starts
     with ``# Parameters``) and only warns about names it does not know, so ``-p stepz 1`` would
     run the whole notebook with its defaults. Call this first in the cell after the parameters:
     it reads the cells this kernel ran (IPython's ``In``, or ``history``), and raises a
-    ``ValueError`` naming each unknown injected name and the closest known one. Returns the
-    injected names (empty outside papermill)."""
+    ``ConfigError`` (a ``ValueError``) naming each unknown injected name and the closest known
+    one. Each injected value is then checked against its annotation in the parameters cell
+    (``n_eval: int``, ``seeds: list``, ``Optional[...]``) and, for the names the notebooks
+    share, its range (``n_eval``, ``steps``, ... >= 1; ``seeds`` a non-empty list of distinct
+    ints; ``out_dir`` a folder that can be made; shares in [0, 1]; ``lr`` in (0, 1]), so a bad
+    value stops the run here, naming the parameter, not in papermill or torch later. Returns
+    the injected names (empty outside papermill)."""
     import difflib
+
+    from .validation import ConfigError
 
     if history is None:
         try:
@@ -311,16 +373,20 @@ def check_parameters(history: list[str] | None = None) -> list[str]:
     if not injected or injected[-1] == 0:
         return []
     i = injected[-1]
-    known, given = _assigned_names(history[i - 1]), _assigned_names(history[i])
+    known, given = _assignments(history[i - 1]), _assignments(history[i])
     unknown = [n for n in given if n not in known]
     if unknown:
         lines = []
         for n in unknown:
-            close = difflib.get_close_matches(n, known, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(n, list(known), n=1, cutoff=0.5)
             lines.append(f"{n!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"unknown notebook parameter(s) {', '.join(lines)}; this notebook's "
-                         f"parameters are: {', '.join(known)}")
-    return given
+        raise ConfigError(f"unknown notebook parameter(s) {', '.join(lines)}; this notebook's "
+                          f"parameters are: {', '.join(known)}")
+    for name, (_, value) in given.items():
+        ann = known[name][0]
+        if ann is not None and value is not _NOT_LITERAL:
+            _check_value(name, ann, value)
+    return list(given)
 
 
 def output_problems(nb: dict) -> list[str]:

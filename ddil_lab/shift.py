@@ -35,13 +35,17 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from .diffusion import timesteps
+from .diffusion import Schedule, timesteps
 from .metrics import sliced_wasserstein
 from .sampling import DDIMPolicy, sample, take_cond
+from .validation import check_bool, check_callable, check_int, fail
+
+MIN_PER_CLASS = 20  # states per class below which per-class distances are mostly noise
 
 
 @dataclass
@@ -120,15 +124,39 @@ def shift_diagnostic(backend, n: int = 2000, n_steps: int = 4, fine_steps: int |
         labels with at least 20 states per class).
     :param batch: roll the teacher out this many states at a time (memory; SD), default all.
     """
-    if not (isinstance(n, int) and n >= 8):
-        raise ValueError(f"n={n!r} must be an int >= 8 (states per set)")
-    if not (isinstance(n_steps, int) and 1 <= n_steps <= backend.schedule.T):
-        raise ValueError(f"n_steps={n_steps!r} must be an int in [1, T={backend.schedule.T}]")
-    if fine_steps is not None and not (isinstance(fine_steps, int) and fine_steps >= n_steps):
-        raise ValueError(f"fine_steps={fine_steps!r} must be None or an int >= n_steps={n_steps}")
+    _check(backend, n, n_steps, fine_steps, student, features, per_class, n_proj, seed, batch)
     with torch.random.fork_rng(devices=[]):  # the caller's global stream stays as it was
         return _diagnose(backend, n, n_steps, fine_steps, student, features, per_class, n_proj,
                          seed, batch, time.perf_counter())
+
+
+def _check(backend, n, n_steps, fine_steps, student, features, per_class, n_proj, seed, batch):
+    """Every argument, before any state is drawn (``ConfigError`` naming it)."""
+    need = ("schedule", "teacher", "sample_noise", "has_data")
+    if isinstance(backend, (str, bytes)) or not all(hasattr(backend, k) for k in need):
+        fail("backend", backend if isinstance(backend, (str, bytes)) else
+             f"<{type(backend).__name__}>", "a Backend object (e.g. Toy2dBackend(...), "
+             "ImageBackend(...)), not its name", "it has no " + ", ".join(
+                 k for k in need if not hasattr(backend, k)))
+    if not isinstance(backend.schedule, Schedule):
+        fail("backend.schedule", f"<{type(backend.schedule).__name__}>", "a ddil_lab.Schedule")
+    T = backend.schedule.T
+    check_int("n", n, 8, why="states per set")
+    check_int("n_steps", n_steps, 1, T)
+    check_int("fine_steps", fine_steps, n_steps, none=True)
+    check_int("n_proj", n_proj, 1, why="random projections of the sliced distance")
+    check_int("seed", seed, 0)
+    check_int("batch", batch, 1, none=True)
+    check_bool("per_class", per_class, none=True)
+    check_callable("features", features, "None or a function states (B, ...) -> features (B, D)",
+                   none=True)
+    if student is not None and not (hasattr(student, "sample") or callable(student)):
+        fail("student", f"<{type(student).__name__}>", "None, something with .sample(x_T, cond) "
+             "(a Method after distill) or an x0 denoiser")
+
+
+def _per_class_counts(cond) -> dict:
+    return {int(c): int(k) for c, k in zip(*torch.unique(cond.cpu(), return_counts=True))}
 
 
 def _diagnose(backend, n, n_steps, fine_steps, student, features, per_class, n_proj, seed,
@@ -163,8 +191,8 @@ def _diagnose(backend, n, n_steps, fine_steps, student, features, per_class, n_p
     else:
         base = getattr(backend, "cond_teacher", None)
         if base is None:
-            raise ValueError("a data-free backend needs an unguided teacher (backend.cond_teacher)"
-                             " to stand in for q_t(x | c)")
+            fail("backend", f"<{type(backend).__name__}>", "a backend with data, or a data-free "
+                 "one with an unguided teacher (backend.cond_teacher) to stand in for q_t(x | c)")
         cond_a = backend.sample_cond(n, g)
         cond_b = cond_a
         fwd_a = rollout(base, backend.sample_noise(n, g), cond_a)
@@ -174,9 +202,39 @@ def _diagnose(backend, n, n_steps, fine_steps, student, features, per_class, n_p
                      "then measures what guidance adds, not what the teacher's own error adds")
     if per_class is None:
         per_class = _is_labels(cond_a) and bool(
-            torch.bincount(cond_a.clamp_min(0).cpu()).min() >= 20)
+            torch.bincount(cond_a.clamp_min(0).cpu()).min() >= MIN_PER_CLASS)
+    elif per_class:
+        if not _is_labels(cond_a):
+            fail("per_class", per_class, "False or None with this backend",
+                 "its conditioning is not integer class labels (an unconditional backend, or "
+                 "prompts), so there are no classes to compare")
+        counts = _per_class_counts(cond_a)
+        if max(counts.values()) < 2:
+            fail("per_class", per_class, f"False, or a larger n (at least {MIN_PER_CLASS} states "
+                 "per class)", f"with n={n} no class has 2 states ({counts}), so no per-class "
+                 "distance can be computed")
+        if min(counts.values()) < MIN_PER_CLASS:
+            msg = (f"per_class=True with n={n}: some classes have fewer than {MIN_PER_CLASS} "
+                   f"states ({counts}); per-class distances from so few states are mostly "
+                   "sampling noise (classes with < 2 states are left out): use a larger n")
+            warnings.warn(msg, stacklevel=4)  # the caller's line
+            notes.append(msg)
     la, lb = (cond_a, cond_b) if per_class else (None, None)
 
+    def feat_checked(x):
+        f = features(x)
+        if not (torch.is_tensor(f) and f.ndim >= 2 and len(f) == len(x) and f[0].numel() > 0):
+            fail("features", getattr(features, "__name__", f"<{type(features).__name__}>"),
+                 "a function mapping states (B, ...) to features (B, D) with D >= 1",
+                 f"it returned {_describe(f)} for states of shape {tuple(x.shape)}")
+        if not torch.isfinite(f).all():
+            fail("features", getattr(features, "__name__", f"<{type(features).__name__}>"),
+                 "a function returning finite features", "it returned NaN or inf")
+        return f
+
+    if features is not None:
+        feat = feat_checked
+        feat(fwd_a[0])  # a bad features function fails before the teacher's rollouts
     teach = rollout(backend.teacher, backend.sample_noise(n, g), cond_a)
     stud = None
     if student is not None:
@@ -209,6 +267,12 @@ def _diagnose(backend, n, n_steps, fine_steps, student, features, per_class, n_p
     if not all(math.isfinite(v) for v in sh):
         rep.notes.append("non-finite distances: check the teacher's outputs")
     return rep
+
+
+def _describe(x) -> str:
+    if torch.is_tensor(x):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
 
 
 __all__ = ["ShiftReport", "shift_diagnostic"]

@@ -23,9 +23,14 @@ class ConfigError(ValueError):
     """A setting is not allowed; the message names the parameter, its value and what is."""
 
 
-def fail(param: str, value, allowed: str, why: str = ""):
-    raise ConfigError(f"{param}={value!r} is not allowed{': ' + why if why else ''}; "
-                      f"allowed: {allowed}")
+class MissingPath(ConfigError, FileNotFoundError):
+    """A path the user gave (a folder, a file, a pipeline component) does not exist: a
+    ``ConfigError`` that ``except FileNotFoundError`` catches too."""
+
+
+def fail(param: str, value, allowed: str, why: str = "", cls: type = ConfigError):
+    raise cls(f"{param}={value!r} is not allowed{': ' + why if why else ''}; "
+              f"allowed: {allowed}")
 
 
 def is_int(x) -> bool:
@@ -115,5 +120,108 @@ def check_out_dir(name: str, path) -> None:
              f"{parent} is not writable")
 
 
-__all__ = ["ConfigError", "check_bool", "check_callable", "check_choice", "check_int",
-           "check_number", "check_out_dir", "fail", "is_int", "is_number"]
+def _item(v, kind: type, text: bool):
+    """``v`` as ``kind`` (int, float or str), or None if it is not one; ``text``: ``v`` comes
+    from a command line's text (so "3" is an int), else it must be one already."""
+    if kind is str:
+        return v if isinstance(v, str) else None
+    if isinstance(v, bool) or (kind is int and isinstance(v, float)):
+        return None
+    if isinstance(v, str):
+        if not text:
+            return None
+        v = v.strip()
+        if kind is int and not v.lstrip("+-").isdigit():
+            return None
+    try:
+        x = kind(v)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return x if kind is int or math.isfinite(x) else None
+
+
+def parse_list(name: str, value, kind: type = str, choices=None, min_len: int = 1) -> tuple:
+    """A list option: "a,b" (a command line's text) or a list / tuple, each item converted to
+    ``kind`` (int, float or str) and, with ``choices``, one of them; at least ``min_len``
+    items. Raises ``ConfigError`` naming ``name``, the value and what is allowed."""
+    what = {int: "ints", float: "finite numbers", str: "names"}[kind]
+    allowed = (f"a comma-separated list of {min_len} or more {what}"
+               + (f" from {tuple(choices)}" if choices is not None else ""))
+    shown = list(value) if isinstance(value, tuple) else value
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        fail(name, shown, allowed)
+    out = []
+    for v in items:
+        x = _item(v, kind, isinstance(value, str))
+        if x is None:
+            fail(name, shown, allowed, f"{v!r} is not " + {int: "an int", float: "a finite "
+                                                                   "number", str: "a name"}[kind])
+        if choices is not None and x not in choices:
+            fail(name, shown, allowed, f"{x!r} is not one of {tuple(choices)}")
+        out.append(x)
+    if len(out) < min_len:
+        fail(name, shown, allowed, f"it holds {len(out)}")
+    return tuple(out)
+
+
+def parse_seeds(name: str, value, min_count: int = 1, why: str = "") -> tuple:
+    """Seeds: "0,1,2" or a list of distinct ints >= 0, at least ``min_count`` of them (2 where
+    per-seed intervals or paired differences are computed: ``why`` says so)."""
+    allowed = (f"{min_count} or more distinct ints >= 0, e.g. "
+               + ",".join(map(str, range(max(2, min_count)))))
+    shown = list(value) if isinstance(value, tuple) else value
+    if not isinstance(value, (str, list, tuple)):
+        fail(name, shown, allowed)
+    seeds = tuple(_item(v, int, isinstance(value, str)) for v in (value.split(",") if isinstance(value, str) else value)
+                  if not (isinstance(v, str) and not v.strip()))
+    if any(s is None for s in seeds):
+        fail(name, shown, allowed, "not every seed is an int")
+    if any(s < 0 for s in seeds):
+        fail(name, shown, allowed, "a seed is negative")
+    if len(set(seeds)) != len(seeds):
+        fail(name, shown, allowed, "a seed is repeated, so its runs would be copies")
+    if len(seeds) < min_count:
+        fail(name, shown, allowed, f"it holds {len(seeds)} seed(s)" + (f"; {why}" if why else ""))
+    return seeds
+
+
+def check_device(name: str, device) -> None:
+    """A torch device this machine has: 'cuda' without a visible CUDA device is refused at once
+    (one line naming the option), not by torch after the models are loaded."""
+    import torch
+
+    allowed = "'cpu', or 'cuda' / 'cuda:N' on a machine where torch sees a CUDA device"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        fail(name, device, allowed, "not a torch device")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(name, str(device), allowed, "no CUDA device is visible to torch here "
+                 "(torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            fail(name, str(device), allowed, f"only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps", "meta"):
+        fail(name, str(device), allowed, f"device type {dev.type!r} is not supported here")
+
+
+def cli_exit(main, prog: str, argv=None) -> int:
+    """Run a script's ``main(argv)``; a ``ConfigError`` becomes one line on stderr and exit
+    status 2 (like argparse's own errors), not a traceback."""
+    import sys
+
+    try:
+        main(argv)
+    except ConfigError as e:
+        print(f"{prog}: configuration error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["ConfigError", "MissingPath", "check_bool", "check_callable", "check_choice",
+           "check_device", "check_int", "check_number", "check_out_dir", "cli_exit", "fail",
+           "is_int", "is_number", "parse_list", "parse_seeds"]

@@ -225,6 +225,27 @@ def bench_arm(backend, name, ddil, a, dev):
     return row
 
 
+def check_args(a) -> None:
+    """Every option, before any pipeline is written or loaded (``ConfigError`` naming it)."""
+    from ddil_lab.sd.random_pipeline import SHAPES
+    from ddil_lab.sd.tiny import KINDS
+    from ddil_lab.train import METHODS
+    from ddil_lab.validation import check_device, check_int, check_out_dir, fail, parse_list
+
+    check_device("--device", a.device)
+    parse_list("--shapes", a.shapes, str, SHAPES + tuple(f"tiny-{k}" for k in KINDS))
+    parse_list("--methods", a.methods, str, METHODS)
+    for flag, lo in (("resolution", 0), ("batch", 0), ("steps", 1), ("warmup", 0),
+                     ("bound_repeats", 1), ("n_steps", 1), ("lora_rank", 0), ("buffer", 1),
+                     ("refresh", 1)):
+        check_int("--" + flag.replace("_", "-"), getattr(a, flag), lo)
+    if a.resolution % 8:
+        fail("--resolution", a.resolution, "0 (the UNet's native size) or a multiple of 8",
+             "the VAE downsamples images by 8")
+    check_out_dir("--out", a.out)
+    check_out_dir("--models", a.models)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -249,6 +270,7 @@ def main(argv=None):
                    help="where the random pipelines are written (reused)")
     p.add_argument("--out", default="runs/bench_full")
     a = p.parse_args(argv)
+    check_args(a)  # before anything is loaded
     dev = torch.device(a.device)
     from ddil_lab.sd.backend import SDBackend
     from ddil_lab.sd.data import make_imagefolder
@@ -313,4 +335,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from ddil_lab.validation import cli_exit
+
+    raise SystemExit(cli_exit(main, "bench_full"))

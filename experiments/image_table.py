@@ -21,6 +21,12 @@ conditioning, or classifier-feature distances offline), and covariate shift per 
 (Frechet distance, in 8x8-pooled pixels, between the student's states and forward-diffused
 data at the same t). Writes ``results.json``, ``table.md`` (printed too), ``samples.png`` and
 ``shift.png`` under ``--out``. The arms are ``ddil_lab.train.make_arm``'s.
+
+Every option is checked before the teacher is built (a bad one exits with status 2 and one line
+naming it). A run keeps its finished ensembles across a kill (``ddil_lab.train.runstore``): each
+(method, arm) is recorded in ``--out`` (``done.jsonl``, its first seed's samples in ``units/``)
+as soon as it is evaluated; a rerun over the same folder with the same settings skips the
+finished ones (and says so), other settings over it are refused naming the difference.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ import torch
 from ddil_lab import train
 from ddil_lab.image import NETS, ImageBackend
 from ddil_lab.image import metrics as im
+from ddil_lab.image.data import DATASETS
+from ddil_lab.train.runstore import RunStore
+from ddil_lab.validation import (check_bool, check_choice, check_device, check_int, check_number,
+                                 check_out_dir, cli_exit, fail, parse_list, parse_seeds)
 
 DEFAULTS = dict(
     data="digits",        # "digits" (offline) or "cifar10" (needs --root)
@@ -75,6 +85,44 @@ COLUMNS = [("fid", "FID", "{:.1f}"), ("precision", "precision", "{:.2f}"),
            ("diversity", "diversity", "{:.3g}"), ("shift_sum", "shift above floor", "{:.2f}")]
 
 
+POSITIVE = ("teacher_steps", "teacher_batch", "steps", "batch_size", "n_steps", "refresh_every",
+            "refresh_size", "critic_steps", "classifier_steps")
+
+
+def check_config(cfg: dict) -> dict:
+    """Every setting, before any work: ``ConfigError`` naming the option, its value and what is
+    allowed. Returns the config with its list options as tuples."""
+    cfg = dict(cfg)
+    check_choice("data", cfg["data"], DATASETS)
+    if cfg["root"] is not None and not os.path.isdir(cfg["root"]):
+        fail("root", cfg["root"], "a folder holding cifar-10-batches-py/", "no such folder")
+    if cfg["data"] == "cifar10" and cfg["root"] is None:
+        fail("root", None, "the folder holding cifar-10-batches-py/", "data cifar10 needs it")
+    if cfg["teacher"] is not None and not os.path.isdir(cfg["teacher"]):
+        fail("teacher", cfg["teacher"], "a teacher checkpoint folder (image.train_teacher), or "
+             "none to train one in teacher_dir", "no such folder")
+    if cfg["teacher_dir"] is not None:
+        check_out_dir("teacher_dir", cfg["teacher_dir"])
+    check_choice("net", cfg["net"], tuple(NETS))
+    for key in POSITIVE:
+        check_int(key, cfg[key], 1)
+    check_int("n_eval", cfg["n_eval"], 2, why="FID and the intervals need 2 or more samples")
+    check_int("buffer_size", cfg["buffer_size"], 0)
+    check_int("seed", cfg["seed"], 0)
+    for key in ("lr", "teacher_lr"):
+        check_number(key, cfg[key], 0.0, 1.0, lo_open=True)
+    check_number("share", cfg["share"], 0.0, 1.0)
+    check_number("guidance", cfg["guidance"], 1.0, why="1 is no guidance")
+    check_bool("conditional", cfg["conditional"])
+    check_choice("diversity", cfg["diversity"], im.DIVERSITY)
+    check_device("device", cfg["device"])
+    cfg["methods"] = parse_list("methods", cfg["methods"], str, train.METHODS)
+    cfg["arms"] = parse_list("arms", cfg["arms"], str, train.ARMS)
+    cfg["seeds"] = parse_seeds("seeds", cfg["seeds"], 2, why="each cell's interval and the "
+                               "paired differences need 2 or more")
+    return cfg
+
+
 def make_backend(cfg: dict, progress: bool = True) -> ImageBackend:
     """The backend of a config: a loaded, resumed or freshly trained teacher."""
     return ImageBackend(cfg["data"], cfg["teacher"], root=cfg["root"], guidance=cfg["guidance"],
@@ -94,13 +142,36 @@ def interval(values) -> tuple[float, float]:
     return float(v.mean()), float(student_t.ppf(0.975, len(v) - 1) * v.std() / len(v) ** 0.5)
 
 
-def run_arms(backend, ev: im.ImageEvaluator, cfg: dict, progress: bool = True) -> tuple:
+def _jsonable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float, str, list))}
+
+
+def _scalars(row: dict) -> dict:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float))}
+
+
+def run_arms(backend, ev: im.ImageEvaluator, cfg: dict, progress: bool = True,
+             store: RunStore | None = None) -> tuple:
     """(rows, per_seed): metrics (with samples and trajectory) of the teacher references and, per
-    arm, of its first seed's students; per_seed maps an arm to its seeds' scalar metrics."""
+    arm, of its first seed's students; per_seed maps an arm to its seeds' scalar metrics. With
+    a ``store``, arms it holds are read back instead of trained, and each newly finished arm is
+    recorded in it (its rows, and its first seed's samples in ``units/``)."""
+    from safetensors.torch import load_file, save_file
+
     res, per_seed = ev.reference_rows(), {}
     sampler_kw = {k: cfg[k] for k in ("share", "buffer_size", "refresh_every", "refresh_size")}
     for method in cfg["methods"]:
         for arm in cfg["arms"]:
+            name = f"{method} {arm}"
+            samples = os.path.join(store.out, "units", f"{method}_{arm}.safetensors") \
+                if store is not None else None
+            if store is not None and name in store and os.path.isfile(samples):
+                rows = store.rows(name)
+                print(f"image_table: {name}: finished in an earlier run of {store.out}, "
+                      "not trained again", flush=True)
+                res[name] = {**rows[0], "samples": load_file(samples)["samples"]}
+                per_seed[name] = [_scalars(r) for r in rows]
+                continue
             views = train.train_arm(backend, method, arm, seeds=cfg["seeds"], steps=cfg["steps"],
                                     batch_size=cfg["batch_size"], lr=cfg["lr"],
                                     n_steps=cfg["n_steps"], ensemble=True,
@@ -110,10 +181,13 @@ def run_arms(backend, ev: im.ImageEvaluator, cfg: dict, progress: bool = True) -
             rows = [ev.evaluate(v, with_samples=k == 0) for k, v in enumerate(views)]
             for r in rows:
                 r.update({k: views[0].run[k] for k in ("wall_s", "nfe_teacher", "nfe_student")})
-            name = f"{method} {arm}"
             res[name] = rows[0]
-            per_seed[name] = [{k: v for k, v in r.items() if isinstance(v, (int, float))}
-                              for r in rows]
+            per_seed[name] = [_scalars(r) for r in rows]
+            if store is not None:  # the samples first: a unit in done.jsonl is complete
+                os.makedirs(os.path.dirname(samples), exist_ok=True)
+                save_file({"samples": rows[0]["samples"][:64].contiguous()}, samples + ".tmp")
+                os.replace(samples + ".tmp", samples)
+                store.add(name, [_jsonable(r) for r in rows])
     return res, per_seed
 
 
@@ -161,26 +235,26 @@ def run(out: str = "runs/image_table", quick: bool = False, progress: bool = Tru
         **overrides) -> dict:
     """Train and evaluate every (method, arm); write results.json, table.md and figures.
     Keyword overrides are the keys of ``DEFAULTS``; ``quick=True`` applies ``QUICK`` first.
+    Every setting is checked first (``check_config``). Finished arms are kept in ``out`` across
+    a kill and skipped by a rerun with the same settings (see the module docstring).
     Returns {"results", "markdown", "files", "time_s", "config"}."""
     from ddil_lab.image.plots import grids, shift_curves
 
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)}: allowed {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
-    for key in ("methods", "arms"):
-        allowed = train.METHODS if key == "methods" else train.ARMS
-        bad = [v for v in cfg[key] if v not in allowed]
-        if bad or not cfg[key]:
-            raise ValueError(f"{key}={list(cfg[key])!r}: each must be one of {allowed}")
-    os.makedirs(out, exist_ok=True)
+        fail(sorted(unknown)[0], overrides[sorted(unknown)[0]], f"the keys of DEFAULTS: "
+             f"{sorted(DEFAULTS)}", "unknown option")
+    check_out_dir("out", out)
+    cfg = check_config({**DEFAULTS, **(QUICK if quick else {}), **overrides})
+    store = RunStore(out, cfg)
+    if len(store):
+        print(f"image_table: {out} holds {len(store)} finished arm(s) of a run with the same "
+              "settings: they are kept, the rest is trained", flush=True)
     t0 = time.perf_counter()
     backend = make_backend(cfg, progress)
     ev = im.ImageEvaluator.for_backend(backend, cfg["classifier_steps"], n=cfg["n_eval"],
                                        n_steps=cfg["n_steps"], diversity=cfg["diversity"])
-    if len(cfg["seeds"]) < 1:
-        raise ValueError(f"seeds={list(cfg['seeds'])!r}: give at least one seed (3 for intervals)")
-    res, per_seed = run_arms(backend, ev, cfg, progress)
+    res, per_seed = run_arms(backend, ev, cfg, progress, store)
     md = markdown(res, per_seed, ev.grid, cfg, ev)
     elapsed = time.perf_counter() - t0
     md += f"\nTotal time {elapsed:.0f} s (teacher, classifier, training, evaluation).\n"
@@ -199,14 +273,6 @@ def run(out: str = "runs/image_table", quick: bool = False, progress: bool = Tru
     return {"results": res, "markdown": md, "files": files, "time_s": elapsed, "config": cfg}
 
 
-def _csv(s: str) -> tuple:
-    return tuple(v for v in s.split(",") if v)
-
-
-def _ints(s: str) -> tuple:
-    return tuple(int(v) for v in _csv(s))
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,16 +286,22 @@ def main(argv=None) -> dict:
             p.add_argument("--" + key.replace("_", "-"), action="store_true", default=None,
                            help=f"default {default}")
             continue
-        kind = (_ints if key == "seeds" else _csv) if isinstance(default, tuple) else (
-            type(default) if default is not None else str)
+        # list options stay text here and are parsed (and checked) by check_config, whose
+        # messages name the option; argparse would only say "invalid value"
+        kind = str if isinstance(default, tuple) or default is None else type(default)
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
                        help=f"default {default!r}" + (" (comma-separated)"
                                                       if isinstance(default, tuple) else ""))
     a = vars(p.parse_args(argv))
     out, quick, progress = a.pop("out"), a.pop("quick"), not a.pop("no_progress")
-    torch.set_num_threads(a.pop("threads"))
-    return run(out, quick=quick, progress=progress, **{k: v for k, v in a.items() if v is not None})
+    threads = a.pop("threads")
+    check_int("threads", threads, 1)
+    check_out_dir("out", out)
+    overrides = {k: v for k, v in a.items() if v is not None}
+    check_config({**DEFAULTS, **(QUICK if quick else {}), **overrides})  # before any work
+    torch.set_num_threads(threads)
+    return run(out, quick=quick, progress=progress, **overrides)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli_exit(main, "image_table"))

@@ -47,6 +47,8 @@ from ddil_lab.shift import shift_diagnostic
 from ddil_lab.toy import Toy2dBackend, class_mixture
 from ddil_lab.toy.backend import RING12_WEIGHTS
 from ddil_lab.train.arms import Budget, train_cells
+from ddil_lab.train.runstore import RunStore
+from ddil_lab.validation import ConfigError
 
 WEIGHTS12 = RING12_WEIGHTS  # unequal weights of the 12 modes (ring12_cond3 is the 3-class case)
 BUDGETS = {"table": Budget(300, 256, 1e-3), "converged": Budget(1500, 512, 1e-3)}
@@ -68,6 +70,7 @@ DEFAULTS = {
     "share": 0.5, "ramp": 0.25,  # DDIL: rollout share; student-selection ramp (fraction of steps)
     "buffer_size": 1024, "refresh_every": 10, "refresh_size": 256,
     "critic_steps": 5,
+    "teacher_dtype": "float32",  # the exact teacher's arithmetic (float32: within 1e-5, faster)
     "blocks": {
         "pd": {"method": "pd", "stds": (0.04, 0.06, 0.1), "classes": (2, 3),
                "guidance": (1.0, 3.0, 6.0, 9.0), "widths": (32, 128),
@@ -168,12 +171,8 @@ def _verdict(d: dict, key: str = "sw_x1e3") -> str:
     return "helps" if d[key] < 0 else "hurts"
 
 
-def run(out: str = "runs/regime_map", quick: bool = False, full: bool = False,
-        only=None, progress: bool = True, **overrides) -> dict:
-    """Run the map's blocks (``only``: a subset of their names; default all) and write the
-    files (after every mixture, so a run cut short keeps what it finished); overrides are keys
-    of ``DEFAULTS`` (``blocks`` replaces the block definitions); returns
-    {"rows", "deltas", "diagnostic", "spearman", "markdown", "time_s", "config"}."""
+def _config(quick: bool, full: bool, overrides: dict) -> tuple[dict, dict]:
+    """(cfg, budgets) of a run: DEFAULTS, then QUICK or FULL, then ``overrides``."""
     cfg = json.loads(json.dumps(DEFAULTS, default=str))  # a deep copy
     cfg["weights"] = WEIGHTS12
     budgets = dict(BUDGETS)
@@ -187,85 +186,172 @@ def run(out: str = "runs/regime_map", quick: bool = False, full: bool = False,
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)}: allowed {sorted(cfg)}")
     cfg.update(overrides)
+    return cfg, budgets
+
+
+def plan(cfg: dict, budgets: dict, names: list[str]) -> list[dict]:
+    """The map's units of work: one per (block, steps, mixture, budget, arm) -- one ensemble of
+    all the block's cells x seeds -- each with the settings it trains and evaluates."""
+    units = []
+    for bname in names:
+        blk = cfg["blocks"][bname]
+        cells = [(w, h, init) for w in blk["guidance"] for h in blk["widths"]
+                 for init in blk["inits"]]
+        for n_steps in sorted(blk["n_steps"], reverse=True):
+            for std in blk["stds"]:
+                for C in blk["classes"]:
+                    for bud in blk["budgets"]:
+                        for label in blk["arms"]:
+                            b = budgets[bud]
+                            units.append({
+                                "key": f"{bname}|std{std:g}|c{C}|n{n_steps}|{bud}|{label}",
+                                "block": bname, "method": blk["method"], "std": std, "C": C,
+                                "n_steps": n_steps, "budget": bud, "label": label,
+                                "cells": cells,
+                                "cost": b.steps * b.batch_size * len(cells) * len(cfg["seeds"])
+                                * (1 + cfg["critic_steps"] if blk["method"] == "dmd2" else 1)})
+    return units
+
+
+class _Worker:
+    """Runs units of one map in one process: builds (and caches) the mixtures, backends, shift
+    diagnostics and evaluation references they need, trains each unit's ensemble, evaluates
+    it, and records the rows in the run's store as soon as the unit is done."""
+
+    def __init__(self, cfg, budgets, store, t0, progress):
+        self.cfg, self.budgets, self.store, self.t0 = cfg, budgets, store, t0
+        self.progress = progress
+        self.mixtures, self.backends, self.refs = {}, {}, {}
+
+    def backend(self, std, C, cell):
+        cfg = self.cfg
+        if (std, C) not in self.mixtures:
+            self.mixtures[(std, C)] = class_mixture(cfg["modes"], C, std, cfg["radius"],
+                                                    weights=cfg["weights"])
+        if (std, C, cell) not in self.backends:
+            w, h, init = cell
+            self.backends[(std, C, cell)] = Toy2dBackend(
+                self.mixtures[(std, C)], guidance=w, hidden=h, student_init=init,
+                init_steps=cfg["init_steps"], teacher_dtype=cfg["teacher_dtype"])
+        return self.backends[(std, C, cell)]
+
+    def diagnostic(self, std, C, w, n_steps, be) -> dict:
+        key = f"diag|std{std:g}|c{C}|w{w:g}|n{n_steps}"
+        if key not in self.store:  # per teacher, before any student of it trains
+            rep = shift_diagnostic(be, n=self.cfg["n_diag"], n_steps=n_steps)
+            self.store.add(key, [{"std": std, "classes": C, "w": w, "n_steps": n_steps,
+                                  "summary": rep.summary, "per_t": rep.teacher,
+                                  "grid": rep.grid}])
+        return self.store.rows(key)[0]
+
+    def __call__(self, u: dict) -> list[dict]:
+        cfg, std, C, n_steps = self.cfg, u["std"], u["C"], u["n_steps"]
+        tu = time.perf_counter()
+        cells = [tuple(c) for c in u["cells"]]
+        bes = [self.backend(std, C, c) for c in cells]
+        diag = {}
+        for w in dict.fromkeys(c[0] for c in cells):
+            be = bes[next(i for i, c in enumerate(cells) if c[0] == w)]
+            diag[w] = self.diagnostic(std, C, w, n_steps, be)["summary"]
+            if (std, C, w, n_steps) not in self.refs:
+                self.refs[(std, C, w, n_steps)] = tx.make_reference(be, cfg["n_eval"], n_steps)
+        budget = self.budgets[u["budget"]]
+        arm, extra = ARM_SPECS[u["label"]]
+        skw = {**{k: cfg[k] for k in ("buffer_size", "refresh_every", "refresh_size")}, **extra}
+        if arm != "baseline":
+            skw.setdefault("share", cfg["share"])
+            if cfg["ramp"]:
+                skw["prior_schedule"] = "student_selection"
+                skw["ramp_steps"] = int(cfg["ramp"] * budget.steps)
+        mkw = {"critic_steps": cfg["critic_steps"]} if u["method"] == "dmd2" else None
+        if self.progress:
+            print(f"[{time.perf_counter() - self.t0:6.0f} s] pid {os.getpid()}: {u['key']}: "
+                  f"{len(cells)} cells x {len(cfg['seeds'])} seeds", flush=True)
+        views = train_cells(bes, u["method"], arm, cfg["seeds"], n_steps=n_steps, method_kw=mkw,
+                            sampler_kw=skw, **budget.train_kw())
+        rows = []
+        for c, be, vs in zip(cells, bes, views):
+            ref = self.refs[(std, C, c[0], n_steps)]
+            cid = cell_id(u["block"], std, C, c[0], c[1], c[2], n_steps, u["budget"])
+            for v in vs:
+                e = tx.evaluate_student(v, be, ref, per_step=False)
+                e.pop("hist", None)
+                rows.append({"setting": cid, "method": u["method"], "arm": u["label"],
+                             "seed": v.seed, **parse_cell(cid), **e,
+                             "train_s": v.run["wall_s"], "diag": diag[c[0]]})
+        unit_s = time.perf_counter() - tu
+        for r in rows:
+            r["unit_s"] = unit_s
+        self.store.add(u["key"], rows)
+        return rows
+
+
+def _run_group(args) -> int:
+    """One process's share: the units of one mixture, in order (its backends are built once)."""
+    cfg, budgets, out, settings, units, t0, progress = args
+    torch.set_num_threads(1)
+    work = _Worker(cfg, budgets, RunStore(out, settings), t0, progress)
+    for u in units:
+        work(u)
+    return len(units)
+
+
+def run(out: str = "runs/regime_map", quick: bool = False, full: bool = False,
+        only=None, progress: bool = True, workers: int | None = None, **overrides) -> dict:
+    """Run the map's blocks (``only``: a subset of their names; default all) and write the
+    files; overrides are keys of ``DEFAULTS`` (``blocks`` replaces the block definitions).
+
+    The work is split into units (one ensemble each, ``plan``) that ``workers`` processes
+    (default: 2, or 1 on a 1-core machine) run, one mixture at a time per process. Each
+    finished unit is recorded in ``out`` at once (``RunStore``), so a killed run loses only
+    the units in progress: a rerun with the same settings skips the finished ones (and says
+    so); other settings over the same ``out`` are refused. Returns {"rows", "deltas",
+    "diagnostic", "spearman", "markdown", "time_s", "config", "files"}."""
+    cfg, budgets = _config(quick, full, overrides)
     names = list(cfg["blocks"]) if only is None else list(only)
     bad = [b for b in names if b not in cfg["blocks"]]
     if bad or not names:
         raise ValueError(f"blocks={names!r}: each must be one of {tuple(cfg['blocks'])}")
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ConfigError(f"workers={workers!r} is not allowed; allowed: an int >= 1")
     torch.set_num_threads(1)
-    os.makedirs(out, exist_ok=True)
+    settings = {**cfg, "budgets": {k: vars(v) for k, v in budgets.items()}}
+    store = RunStore(out, settings)
     t0, load0 = time.perf_counter(), os.getloadavg()
-    rows, diag, refs, times = [], {}, {}, {}
-    skw_base = {k: cfg[k] for k in ("buffer_size", "refresh_every", "refresh_size")}
-    mixtures, backends = {}, {}
-    res = None
-    for bname in names:
-        blk = cfg["blocks"][bname]
-        tb = time.perf_counter()
-        cells = [(w, h, init) for w in blk["guidance"] for h in blk["widths"]
-                 for init in blk["inits"]]
-        # more student steps first: a map cut short still has complete 4-step results
-        for n_steps in sorted(blk["n_steps"], reverse=True):
-            for std in blk["stds"]:
-                for C in blk["classes"]:
-                    if (std, C) not in mixtures:
-                        mixtures[(std, C)] = class_mixture(cfg["modes"], C, std, cfg["radius"],
-                                                           weights=cfg["weights"])
-                    for c in cells:
-                        if (std, C, c) not in backends:
-                            backends[(std, C, c)] = Toy2dBackend(
-                                mixtures[(std, C)], guidance=c[0], hidden=c[1],
-                                student_init=c[2], init_steps=cfg["init_steps"])
-                    bes = [backends[(std, C, c)] for c in cells]
-                    for w in blk["guidance"]:  # the diagnostic and the reference: per teacher
-                        key = (std, C, w, n_steps)
-                        be = bes[next(i for i, c in enumerate(cells) if c[0] == w)]
-                        if key not in diag:
-                            rep = shift_diagnostic(be, n=cfg["n_diag"], n_steps=n_steps)
-                            diag[key] = {"summary": rep.summary, "per_t": rep.teacher,
-                                         "grid": rep.grid}
-                        if key not in refs:
-                            refs[key] = tx.make_reference(be, cfg["n_eval"], n_steps)
-                    for bud in blk["budgets"]:
-                        budget = budgets[bud]
-                        for label in blk["arms"]:
-                            arm, extra = ARM_SPECS[label]
-                            skw = {**skw_base, **extra}
-                            if arm != "baseline":
-                                skw.setdefault("share", cfg["share"])
-                                if cfg["ramp"]:
-                                    skw["prior_schedule"] = "student_selection"
-                                    skw["ramp_steps"] = int(cfg["ramp"] * budget.steps)
-                            mkw = {"critic_steps": cfg["critic_steps"]} \
-                                if blk["method"] == "dmd2" else None
-                            if progress:
-                                print(f"[{time.perf_counter() - t0:6.0f} s] {bname} std {std:g} "
-                                      f"C {C} n {n_steps} {bud} {label}: {len(cells)} cells x "
-                                      f"{len(cfg['seeds'])} seeds", flush=True)
-                            views = train_cells(bes, blk["method"], arm, cfg["seeds"],
-                                                n_steps=n_steps, method_kw=mkw, sampler_kw=skw,
-                                                **budget.train_kw())
-                            for c, be, vs in zip(cells, bes, views):
-                                ref = refs[(std, C, c[0], n_steps)]
-                                cid = cell_id(bname, std, C, c[0], c[1], c[2], n_steps, bud)
-                                for v in vs:
-                                    e = tx.evaluate_student(v, be, ref, per_step=False)
-                                    e.pop("hist", None)
-                                    rows.append({"setting": cid, "method": blk["method"],
-                                                 "arm": label, "seed": v.seed,
-                                                 **parse_cell(cid), **e,
-                                                 "train_s": v.run["wall_s"],
-                                                 "diag": diag[(std, C, c[0], n_steps)]["summary"]})
-                    times[bname] = time.perf_counter() - tb  # partial results so far, on disk
-                    _finish(out, cfg, budgets, [b for b in names if b in times], rows, diag,
-                            times, t0, load0, print_md=False)
-        times[bname] = time.perf_counter() - tb
-        # write what is done after every block: a map cut short keeps its finished blocks
-        res = _finish(out, cfg, budgets, [b for b in names if b in times], rows, diag, times,
-                      t0, load0, print_md=bname == names[-1])
-    return res
+    units = plan(cfg, budgets, names)
+    todo = [u for u in units if u["key"] not in store]
+    if progress and len(todo) < len(units):
+        print(f"{out}: {len(units) - len(todo)} of {len(units)} units already done with these "
+              f"settings; running the other {len(todo)}", flush=True)
+    groups: dict = {}
+    for u in todo:  # one task per mixture, so a process builds each backend once
+        groups.setdefault((u["std"], u["C"]), []).append(u)
+    tasks = sorted(groups.values(), key=lambda g: -sum(u["cost"] for u in g))  # longest first
+    args = [(cfg, budgets, out, settings, g, t0, progress) for g in tasks]
+    if workers == 1 or len(tasks) <= 1:
+        for a in args:
+            _run_group(a)
+    else:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+            for _ in pool.imap_unordered(_run_group, args):
+                pass
+    store = RunStore(out, settings)  # what every process recorded
+    rows = [r for u in units for r in store.rows(u["key"])]
+    diag = {}
+    for key in list(store.done):
+        if key.startswith("diag|"):
+            d = store.rows(key)[0]
+            diag[(d["std"], d["classes"], d["w"], d["n_steps"])] = d
+    times = {b: sum(store.rows(u["key"])[0]["unit_s"] for u in units
+                    if u["block"] == b and store.rows(u["key"])) for b in names}
+    return _finish(out, cfg, budgets, names, rows, diag, times, t0, load0, print_md=progress,
+                   workers=workers)
 
 
-def _finish(out, cfg, budgets, names, rows, diag, times, t0, load0, print_md=True) -> dict:
+def _finish(out, cfg, budgets, names, rows, diag, times, t0, load0, print_md=True,
+            workers: int = 1) -> dict:
     elapsed = time.perf_counter() - t0
     load = [tuple(round(x, 2) for x in la) for la in (load0, os.getloadavg())]
     deltas = []
@@ -281,11 +367,11 @@ def _finish(out, cfg, budgets, names, rows, diag, times, t0, load0, print_md=Tru
                 d["verdict"] = _verdict(d)
                 deltas.append(d)
     corr = correlations(deltas)
-    md = markdown(cfg, budgets, names, deltas, corr, diag, elapsed, times, load)
+    md = markdown(cfg, budgets, names, deltas, corr, diag, elapsed, times, load, workers)
     files = _write(out, rows, deltas, md, {
         "config": {**cfg, "budgets": {k: v.describe() for k, v in budgets.items()}},
         "blocks_done": names, "deltas": deltas, "spearman": corr, "time_s": elapsed,
-        "block_time_s": times, "load": load,
+        "block_time_s": times, "load": load, "workers": workers,
         "diagnostic": [{"std": k[0], "classes": k[1], "w": k[2], "n_steps": k[3], **v}
                        for k, v in diag.items()]})
     files += figures(out, deltas, diag)
@@ -324,7 +410,7 @@ def _f(d, k, fmt="{:+.1f}", scale=1.0):
     return s + (" *" if d[f"{k}_sig"] else "")
 
 
-def markdown(cfg, budgets, names, deltas, corr, diag, elapsed, times, load) -> str:
+def markdown(cfg, budgets, names, deltas, corr, diag, elapsed, times, load, workers=1) -> str:
     seeds = list(cfg["seeds"])
     lines = [f"# Regime map: where DDIL pays\n",
              f"Seeds {seeds} (paired: same initialisation, same evaluation noise and labels); "
@@ -345,7 +431,7 @@ def markdown(cfg, budgets, names, deltas, corr, diag, elapsed, times, load) -> s
         ds = [d for d in deltas if d["block"] == bname]
         if not ds:
             continue
-        lines.append(f"## {bname} ({times.get(bname, 0):.0f} s)\n")
+        lines.append(f"## {bname} ({times.get(bname, 0):.0f} s of process time)\n")
         counts = {}
         for d in ds:
             counts.setdefault((d["arm"], d["base"]), {"helps": 0, "hurts": 0, "nothing": 0})
@@ -375,8 +461,9 @@ def markdown(cfg, budgets, names, deltas, corr, diag, elapsed, times, load) -> s
             lines.append(f"- {name}: rho = {c['rho']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] "
                          f"({c['cells']} cells)")
         lines.append("")
-    lines.append(f"Total time {elapsed:.0f} s wall in one process (one thread); load average "
-                 f"(1, 5, 15 min) {load[0]} at the start, {load[1]} at the end.\n")
+    lines.append(f"Total time {elapsed:.0f} s wall, {workers} worker process(es) of one thread "
+                 f"each (block times: the sum of their units' times in their process); load "
+                 f"average (1, 5, 15 min) {load[0]} at the start, {load[1]} at the end.\n")
     return "\n".join(lines)
 
 
@@ -446,6 +533,16 @@ def figures(out: str, deltas: list[dict], diag: dict) -> list[str]:
 
 
 def main(argv=None) -> dict:
+    """The command line. Every option is checked here, before any backend is built: a bad one
+    raises ``ConfigError`` naming it (``python experiments/regime_map.py`` prints one line and
+    exits with status 2)."""
+    from ddil_lab.toy.backend import STUDENT_INITS
+    from ddil_lab.validation import check_out_dir, cli_exit, fail, parse_list, parse_seeds
+
+    if argv is None:  # the command line: a bad option is one line and exit status 2
+        import sys
+        raise SystemExit(cli_exit(main, "regime_map", sys.argv[1:]))
+
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/regime_map", help="run folder")
@@ -453,30 +550,56 @@ def main(argv=None) -> dict:
     p.add_argument("--full", action="store_true", help="5 seeds, 4000 evaluation samples")
     p.add_argument("--blocks", default=None, help=f"comma-separated subset of "
                                                   f"{tuple(DEFAULTS['blocks'])}")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (2 or more: the paired "
+                                                 "intervals need 2)")
     p.add_argument("--set", action="append", default=[], metavar="BLOCK.FACTOR=V1,V2",
                    help="override one factor of a block, e.g. --set pd.stds=0.04,0.1 "
                         "(factors: stds, classes, guidance, widths, inits, n_steps, arms, budgets)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes running the map's units (default: 2, or 1 on a 1-core "
+                        "machine; each uses one thread)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.quick and a.full:
+        fail("--full", True, "--quick or --full, not both", "--quick asks for tiny settings, "
+             "--full for the largest ones")
+    check_out_dir("--out", a.out)
+    if a.workers is not None and a.workers < 1:
+        fail("--workers", a.workers, "an int >= 1")
     kw = {}
+    base = QUICK["blocks"] if a.quick else DEFAULTS["blocks"]
     if a.set:
-        base = QUICK["blocks"] if a.quick else DEFAULTS["blocks"]
         blocks_cfg = {k: dict(v) for k, v in base.items()}
-        kinds = {"stds": float, "guidance": float, "classes": int, "widths": int, "n_steps": int}
+        # factor -> (item type, allowed values or None, what a value must be)
+        factors = {"stds": (float, None, lambda v: 0 < v <= 0.5, "in (0, 0.5]"),
+                   "guidance": (float, None, lambda v: v >= 1, ">= 1 (1: no guidance)"),
+                   "classes": (int, None, lambda v: 1 <= v <= DEFAULTS["modes"],
+                               f"in [1, {DEFAULTS['modes']}] (the modes)"),
+                   "widths": (int, None, lambda v: v >= 1, ">= 1"),
+                   "n_steps": (int, None, lambda v: 1 <= v <= 1000, "in [1, 1000]"),
+                   "inits": (str, STUDENT_INITS, None, ""),
+                   "arms": (str, tuple(ARM_SPECS), None, ""),
+                   "budgets": (str, tuple(BUDGETS), None, "")}
         for item in a.set:
-            key, _, vals = item.partition("=")
+            key, eq, vals = item.partition("=")
             bname, _, factor = key.partition(".")
-            if bname not in blocks_cfg or factor not in blocks_cfg[bname] or factor == "method":
-                raise SystemExit(f"--set {item!r}: expected BLOCK.FACTOR=V1,V2 with BLOCK in "
-                                 f"{tuple(blocks_cfg)} and a factor of that block")
-            blocks_cfg[bname][factor] = tuple(kinds.get(factor, str)(v) for v in vals.split(","))
+            if not eq or bname not in blocks_cfg or factor not in factors:
+                fail("--set", item, f"BLOCK.FACTOR=V1,V2 with BLOCK in {tuple(blocks_cfg)} and "
+                     f"FACTOR in {tuple(factors)}")
+            kind, choices, ok, rule = factors[factor]
+            values = parse_list(f"--set {key}", vals, kind, choices)
+            bad = [v for v in values if ok is not None and not ok(v)]
+            if bad:
+                fail(f"--set {key}", vals, f"values {rule}", f"{bad[0]!r} is not")
+            blocks_cfg[bname][factor] = values
         kw["blocks"] = blocks_cfg
-    if a.seeds:
-        kw["seeds"] = tuple(int(s) for s in a.seeds.split(",") if s)
-    blocks = a.blocks.split(",") if a.blocks else None
+    if a.seeds is not None:
+        kw["seeds"] = parse_seeds("--seeds", a.seeds, 2, why="a paired interval (and so any "
+                                  "verdict but 'nothing') needs 2 or more")
+    blocks = list(parse_list("--blocks", a.blocks, str, tuple(base))) if a.blocks is not None \
+        else None
     return run(a.out, quick=a.quick, full=a.full, only=blocks, progress=not a.no_progress,
-               **kw)
+               workers=a.workers, **kw)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ sections), then ``--set section.key=value`` overrides, then ``--out`` / ``--resu
 the checkpoints, ``history.jsonl``, ``final/student.safetensors`` (and ``final/ema.safetensors``)
 and ``summary.json`` (losses, wall time and, for the toy backend, sample metrics against the
 true mixture). A bad setting exits with status 2 and a message naming it, a non-finite loss or
-gradient with status 3, a checkpoint that cannot be resumed or written with status 4.
+gradient with status 3, a checkpoint that cannot be resumed or written with status 4. Ctrl-C
+(SIGINT) or SIGTERM during training writes a checkpoint at the current step (with ``--out``)
+and exits with status 130 / 143; ``--resume`` continues from it.
 """
 
 from __future__ import annotations
@@ -184,9 +186,13 @@ def cli(argv=None) -> int:
     from ddil_lab.config import ConfigError
     from ddil_lab.hub import OfflineError
     from ddil_lab.train import CheckpointError, NonFiniteError
+    from ddil_lab.train.loop import Interrupted
 
     try:
         main(argv)
+    except Interrupted as e:
+        print(f"train_toy: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (ConfigError, OfflineError) as e:
         print(f"train_toy: configuration error: {e}", file=sys.stderr)
         return 2

@@ -159,9 +159,9 @@ def test_cells_ensemble_fuses_guidance_and_seeds_random_inits():
     state = torch.random.get_rng_state()
     s1, s2 = view.make_student(), view.make_student()
     assert torch.equal(state, torch.random.get_rng_state())  # the global stream is untouched
-    p = [next(mem.parameters()) for mem in s1.members]
+    p = [next(s1.member(k).parameters()) for k in range(4)]
     assert torch.equal(p[0], p[2]) and not torch.equal(p[0], p[1])  # follows the seed
-    assert torch.equal(p[1], next(s2.members[1].parameters()))     # and repeats
+    assert torch.equal(p[1], next(s2.member(1).parameters()))      # and repeats
 
 
 def test_train_cells_returns_paired_views_and_renoised_states():

@@ -319,3 +319,14 @@ def test_old_checkpoints_are_pruned_first_when_that_makes_room(ring, tmp_path, m
     assert [os.path.basename(p) for p in ck.checkpoints(str(tmp_path))] == \
         ["step_0000008", "step_0000006"]
 
+
+
+def test_a_resumed_run_says_from_which_step_and_folder(ring, reference, tmp_path, capfd):
+    """Resuming prints one line naming the step and the folder (the checkpoint too); a run
+    that finds nothing to resume prints none."""
+    out = interrupted_copy(reference, tmp_path / "run")
+    res = _run(ring, out, resume=True)
+    err = capfd.readouterr().err
+    assert f"distill: resumed from step 6 in folder {out} ({res.resumed_from})" in err
+    _run(ring, tmp_path / "fresh", resume=True)
+    assert "resumed from" not in capfd.readouterr().err

@@ -598,3 +598,140 @@ def test_train_toy_tracks_the_run_in_tensorboard(tmp_path):
         assert len(series[key]) == len(res.history), key
     train_toy.main(["--out", str(tmp_path / "quiet"), "--set", "train.steps=2", "--log-with", "none"])
     assert event_files(tmp_path / "quiet") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# interrupts: SIGINT / SIGTERM checkpoint the current step (issue 27)
+# ---------------------------------------------------------------------------------------------
+INTERRUPTED_RUN = {**LCM_RUN, "train": {**LCM_RUN["train"], "steps": 40, "ckpt_every": 40}}
+
+
+def test_sigint_checkpoints_the_current_step_and_the_run_resumes_bitwise(tmp_path, capfd):
+    """Ctrl-C (SIGINT) in the middle of a run with no periodic checkpoint near: the process
+    writes a checkpoint at the step it was in (atomically, as the periodic ones), exits with
+    status 130 naming it, and the resumed run says where it resumed from and ends bitwise equal
+    to an uninterrupted run: nothing is lost."""
+    config = _write(tmp_path, "lcm", INTERRUPTED_RUN)
+    out = str(tmp_path / "interrupted")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, EXPERIMENTS, "slow", "0", "--config",
+                             config, "--out", out, "--log-with", "none"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    train_toy.main(["--config", config, "--out", str(tmp_path / "ref"), "--log-with", "none"])
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # a few steps in, then Ctrl-C
+        if os.path.exists(os.path.join(out, "history.jsonl")) and len(_log_steps(out)) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, log[-3000:]
+    ck = latest_checkpoint(out)
+    step = int(ck[-7:])
+    assert 3 <= step < 40 and step == _log_steps(out)[-1]  # the step it was in: nothing lost
+    assert f"SIGINT: lcm stopped after step {step} of 40; checkpoint {ck} written" in log, log
+    assert not any(d.startswith(".tmp_ckpt_") for d in os.listdir(out))
+    capfd.readouterr()
+    res = train_toy.main(["--config", config, "--out", out, "--resume", "--log-with", "none"])
+    assert f"resumed from step {step} in folder {out}" in capfd.readouterr().err
+    assert res.resumed_from == ck
+    assert_same_run(out, str(tmp_path / "ref"))
+
+
+def test_sigterm_in_process_checkpoints_restores_handlers_and_resumes(ring, pd_reference,
+                                                                     tmp_path):
+    """SIGTERM (a scheduler's stop) between two periodic checkpoints (every 3 steps) writes
+    step 4; distill raises ``Interrupted`` (a KeyboardInterrupt), puts the previous handlers
+    back, and a resumed run ends bitwise equal to the uninterrupted one."""
+    from ddil_lab.train.loop import Interrupted
+
+    def stop(step, result):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match=r"SIGTERM: pd stopped after step 4 of 12") as e:
+        _pd_run(ring, tmp_path / "run", callbacks=(stop,), eval_every=1)
+    assert isinstance(e.value, KeyboardInterrupt) and e.value.step == 4
+    assert e.value.checkpoint == latest_checkpoint(str(tmp_path / "run"))
+    assert e.value.checkpoint.endswith("step_0000004")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    res = _pd_run(ring, tmp_path / "run", resume=True)
+    assert res.resumed_from.endswith("step_0000004")
+    assert_same_run(str(tmp_path / "run"), pd_reference)
+
+
+def test_without_checkpointing_signals_are_left_alone(ring, monkeypatch):
+    """No out_dir: distill installs no handler (Ctrl-C interrupts as usual)."""
+    calls = []
+    monkeypatch.setattr(signal, "signal", lambda *a: calls.append(a))
+    distill(ring, PD(substeps=2), None, steps=2, batch_size=8, progress=False)
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------
+# experiment scripts keep finished work across a kill (issue 27)
+# ---------------------------------------------------------------------------------------------
+def test_image_table_keeps_finished_arms_across_a_kill(tmp_path, monkeypatch, capsys):
+    """The image table records each finished (method, arm) ensemble; a run killed during the
+    second arm, rerun with the same settings, trains only that arm and says it kept the first;
+    other settings over the folder are refused naming the difference."""
+    import importlib.util
+
+    from ddil_lab import train
+
+    spec = importlib.util.spec_from_file_location("image_table_robust",
+                                                  os.path.join(EXPERIMENTS, "image_table.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = ["--quick", "--out", str(tmp_path), "--no-progress", "--methods", "pd", "--arms",
+            "baseline,ddil", "--seeds", "0,1", "--n-eval", "24"]
+    real, trained = train.train_arm, []
+
+    def killed_in_second(backend, method, arm, **kw):
+        trained.append(arm)
+        if len(trained) == 2:
+            raise KeyboardInterrupt  # the kill, during the second ensemble
+        return real(backend, method, arm, **kw)
+    monkeypatch.setattr(train, "train_arm", killed_in_second)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mod.main(argv)
+        first = (tmp_path / "done.jsonl").read_text()
+        assert len(first.splitlines()) == 1
+        trained.clear()
+        monkeypatch.setattr(train, "train_arm", lambda *a, **k: trained.append(a[2]) or
+                            real(*a, **k))
+        out = mod.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert trained == ["ddil"]  # only the unfinished arm
+    assert "pd baseline: finished in an earlier run" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["per_seed"]) == {"pd baseline", "pd ddil"}
+    assert (tmp_path / "done.jsonl").read_text().startswith(first)
+    assert "| pd: ddil - baseline |" in out["markdown"]
+    with pytest.raises(ConfigError, match=r"out='.*' holds a run with other settings "
+                                          r"\(steps: 2 in the folder, 3 now\)"):
+        mod.main(argv + ["--steps", "3"])
+
+
+def test_random_pipeline_replaces_an_earlier_pipeline_without_stale_parts(tmp_path, monkeypatch,
+                                                                         capsys):
+    """``python -m ddil_lab.sd.random_pipeline --out DIR`` over an SDXL-layout folder writes
+    an SD1.5-layout one: text_encoder_2/ and tokenizer_2/ are removed, not left beside it."""
+    import ddil_lab.sd.random_pipeline as rp
+    from ddil_lab.sd.tiny import make_tiny_pipeline, tiny_pipeline
+
+    out = tmp_path / "pipe"
+    make_tiny_pipeline(out, "sdxl")
+    assert (out / "text_encoder_2").is_dir()
+    monkeypatch.setattr(rp, "random_pipeline", lambda shape, seed, dtype: tiny_pipeline("sd15"))
+    monkeypatch.setattr(rp, "parameter_counts", lambda shape: {"unet": 1})
+    rp.main(["--shape", "sd15", "--out", str(out)])
+    assert "replacing the pipeline" in capsys.readouterr().out
+    index = json.loads((out / "model_index.json").read_text())
+    listed = {k for k, v in index.items() if isinstance(v, list) and v[0]}
+    assert {p.name for p in out.iterdir()} == listed | {"model_index.json"}
+    assert "text_encoder_2" not in listed and not (out / "tokenizer_2").exists()

@@ -5,9 +5,9 @@ The same distillation story as the toy tier, on images, through the same Backend
     data       ``ImageData``: CIFAR-10 (torchvision's loader, ``root`` given by the user) or
                the offline default, scikit-learn's bundled 8x8 digits upsampled to 16x16
                (1797 images, 10 classes = the known modes; no download, runs on a laptop CPU)
-    network    ``UNet``: ``diffusers.UNet2DModel`` called as ``net(x_t, t, cond)``; class-
-               conditional with a learned null class (label -1 or None), so classifier-free
-               guidance can be taught
+    network    ``UNet`` (``image.network``): ``diffusers.UNet2DModel`` called as
+               ``net(x_t, t, cond)``; class-conditional with a learned null class (label -1 or
+               None), so classifier-free guidance can be taught; optionally a w-embedding
     teacher    ``train_teacher``: eps- or v-prediction training with EMA, safetensors
                checkpoints and a progress bar; the network is wrapped to predict x0
                (``denoiser.wrap``) like every other model
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -34,91 +35,11 @@ from ..denoiser import CFG, wrap
 from ..diffusion import Schedule, Threshold
 from ..backend import Backend
 from ..train.settings import check_names, fail, is_int, reuse
+from ..validation import is_number
 from .data import DATASETS, ImageData, make_data
+from .network import CIFAR_NET, DIGITS_NET, SMALL_NET, TINY_NET, UNet  # noqa: F401
 
 PREDICTIONS = ("eps", "v", "x0")
-
-
-# ---------------------------------------------------------------------------------------------
-# network
-# ---------------------------------------------------------------------------------------------
-DIGITS_NET = dict(channels=(32, 64, 64), layers_per_block=1, attention=(False, False, False),
-                  norm_groups=8, dropout=0.0)
-"""About 1.1M parameters; 16x16 -> 8x8 -> 4x4; a usable digits teacher in a few CPU minutes."""
-
-SMALL_NET = dict(channels=(16, 32, 32), layers_per_block=1, attention=(False, False, False),
-                 norm_groups=8, dropout=0.0)
-"""About 0.27M parameters, 5x faster than ``DIGITS_NET``: the laptop default (notebook 05, the
-image table). Trained unconditionally for 600 steps (about 2 min on an idle core) its 32-step
-samples are near the data in classifier-feature FID (docs/image.md)."""
-
-TINY_NET = dict(channels=(8, 16), layers_per_block=1, attention=(False, False), norm_groups=4)
-"""A few thousand parameters: for quick runs and tests only (not a usable teacher)."""
-
-CIFAR_NET = dict(channels=(128, 256, 256, 256), layers_per_block=2,
-                 attention=(False, True, False, False), norm_groups=32, dropout=0.1)
-"""The DDPM CIFAR-10 layout (Ho et al. 2020; ~36M parameters), attention at 16x16."""
-
-
-class UNet(nn.Module):
-    """``diffusers.UNet2DModel`` called as ``net(x_t, t, cond)``.
-
-    ``cond`` is None or class labels (B,); with ``num_classes`` > 0 the label embedding has one
-    extra learned "null" class used for label -1 and for None (classifier-free guidance).
-    The raw output has the shape of x_t and is whatever the network was trained to predict.
-
-    :param channels: output channels of each resolution level (each level but the last halves
-        the resolution).
-    :param attention: per level, whether it has self-attention blocks.
-    """
-
-    def __init__(self, sample_size: int, in_channels: int, num_classes: int = 0,
-                 channels=(32, 64, 64), layers_per_block: int = 1, attention=None,
-                 norm_groups: int = 8, dropout: float = 0.0):
-        from diffusers import UNet2DModel
-
-        super().__init__()
-        channels = tuple(int(c) for c in channels)
-        attention = tuple(attention) if attention is not None else (False,) * len(channels)
-        if len(attention) != len(channels):
-            raise ValueError(f"attention={attention} needs one flag per level of "
-                             f"channels={channels}")
-        if any(c % norm_groups for c in channels):
-            raise ValueError(f"every entry of channels={channels} must be divisible by "
-                             f"norm_groups={norm_groups}")
-        self.config = dict(sample_size=sample_size, in_channels=in_channels,
-                           num_classes=num_classes, channels=list(channels),
-                           layers_per_block=layers_per_block, attention=list(attention),
-                           norm_groups=norm_groups, dropout=dropout)
-        self.num_classes = num_classes
-        down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
-        up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
-        self.unet = UNet2DModel(
-            sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
-            block_out_channels=channels, layers_per_block=layers_per_block,
-            down_block_types=down, up_block_types=up, norm_num_groups=norm_groups,
-            dropout=dropout, attention_head_dim=min(channels[0], 32),
-            num_class_embeds=num_classes + 1 if num_classes else None)
-
-    def _labels(self, x_t, cond):
-        if not self.num_classes:
-            return None
-        c = torch.full((x_t.shape[0],), -1, device=x_t.device) if cond is None else cond
-        return torch.where(c < 0, self.num_classes, c).long()
-
-    def forward(self, x_t, t, cond=None):
-        return self.unet(x_t, t, class_labels=self._labels(x_t, cond)).sample
-
-    def features(self, x_t, t, cond=None) -> torch.Tensor:
-        """The mid-block activations (B, C_mid, h, w), e.g. for DMD2's optional GAN head.
-        (Runs the whole UNet and keeps the mid block's output.)"""
-        out = {}
-        hook = self.unet.mid_block.register_forward_hook(lambda m, i, o: out.update(h=o))
-        try:
-            self.unet(x_t, t, class_labels=self._labels(x_t, cond))
-        finally:
-            hook.remove()
-        return out["h"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +74,15 @@ def read_teacher_config(ckpt_dir: str | Path) -> dict:
         raise FileNotFoundError(f"no teacher checkpoint in {ckpt_dir} (missing teacher.json); "
                                 "train one with train_teacher(..., ckpt_dir=...)")
     return json.loads(path.read_text())
+
+
+def teacher_cache_dir(root: str | Path, data: str, **recipe) -> Path:
+    """The checkpoint folder of a teacher recipe (``train_teacher``'s settings): ``root /
+    <data>_<hash of the recipe>``. Pass it as ``teacher_dir``: the first run trains the teacher
+    there, later runs load it, and another recipe gets another folder (``train_teacher`` refuses
+    to resume a folder trained with other settings)."""
+    key = json.dumps({"data": data, **recipe}, sort_keys=True, default=str)
+    return Path(root) / f"{data}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def load_teacher(ckpt_dir: str | Path, device="cpu") -> nn.Module:
@@ -322,8 +252,12 @@ class ImageBackend(Backend):
         ``(x_t, t, cond) -> x0_hat`` (e.g. ``load_teacher(...)``) with ``.net`` and
         ``.schedule``, or None to train one with ``teacher_steps`` (saved in ``teacher_dir``
         when given, and cached in this process).
-    :param guidance: classifier-free guidance scale w of the teacher; 1.0 is the plain
-        conditional teacher.
+    :param guidance: classifier-free guidance scale w of the teacher (1.0: the plain
+        conditional teacher), or a range (w_min, w_max): each sample then draws its own w
+        uniformly, the teacher guides it with that w, and students get a w-embedding
+        (guidance-conditioned students, the paper's PD protocol).
+    :param w_embed: give students a guidance-scale embedding (``UNet.add_w_embedding``; the
+        conditioning is then ``{"y": labels, "w": w}``); default: iff ``guidance`` is a range.
     :param conditional: distil class-conditionally (cond = labels (B,)) or unconditionally
         (cond = None, the teacher's null class: the class histogram then measures mode
         coverage); None: conditional when the teacher is. A teacher trained here is
@@ -333,12 +267,13 @@ class ImageBackend(Backend):
         batch_size, lr, ...).
     """
 
-    def __init__(self, data: str | ImageData = "digits", teacher=None, *, guidance: float = 1.0,
-                 conditional: bool | None = None, root=None, download: bool | None = None,
-                 teacher_dir=None, teacher_steps: int = 2000, device="cpu", seed: int = 0,
-                 **teacher_kw):
+    def __init__(self, data: str | ImageData = "digits", teacher=None, *,
+                 guidance: float | tuple = 1.0, conditional: bool | None = None,
+                 w_embed: bool | None = None, w_embed_dim: int = 64, root=None,
+                 download: bool | None = None, teacher_dir=None, teacher_steps: int = 2000,
+                 device="cpu", seed: int = 0, **teacher_kw):
         check_args(dict(data=data, teacher=teacher, guidance=guidance, conditional=conditional,
-                        root=root, download=download, teacher_dir=teacher_dir,
+                        w_embed=w_embed, root=root, download=download, teacher_dir=teacher_dir,
                         teacher_steps=teacher_steps, device=device, seed=seed))
         self.data = make_data(data, root, download)
         self.device = torch.device(device)
@@ -355,18 +290,27 @@ class ImageBackend(Backend):
                  f"its network makes images of shape {shape}")
         self.cond_teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.schedule = teacher.schedule
-        self.guidance = guidance
+        ranged = isinstance(guidance, (tuple, list))
+        self.guidance = tuple(map(float, guidance)) if ranged else float(guidance)
+        self.w_range = self.guidance if ranged else None
+        self.w_embed = ranged if w_embed is None else bool(w_embed)
+        if ranged and not self.w_embed:
+            fail("w_embed", w_embed, "True or None with a guidance range (cond carries each w)")
+        self.w_embed_dim = w_embed_dim
         has_labels = getattr(teacher.net, "num_classes", 0) > 0
         if conditional and not has_labels:
             fail("conditional", conditional, "False or None with an unconditional teacher",
                  "conditional=True needs a class-conditional teacher "
                  "(train_teacher(conditional=True))")
         self.conditional = has_labels if conditional is None else bool(conditional)
-        if guidance != 1.0 and not self.conditional:
+        if (guidance != 1.0 or self.w_embed) and not self.conditional:
             fail("guidance", guidance, "1.0, or conditional=True with a class-conditional teacher",
-                 f"guidance={guidance} needs conditional=True and a class-conditional teacher "
+                 f"guidance={guidance}{' with w_embed' if self.w_embed else ''} needs "
+                 "conditional=True and a class-conditional teacher "
                  "(train_teacher(conditional=True))")
-        self.teacher = CFG(self.cond_teacher, guidance) if guidance != 1.0 else self.cond_teacher
+        # a w-embedded conditioning carries each sample's w: CFG reads it (w=None)
+        self.teacher = CFG(self.cond_teacher, None) if self.w_embed else \
+            CFG(self.cond_teacher, guidance) if guidance != 1.0 else self.cond_teacher
         self.support = Threshold("static", -1.0, 1.0)
         self.shape = self.data.shape
         self.num_classes = self.data.num_classes
@@ -379,12 +323,13 @@ class ImageBackend(Backend):
         prediction type and schedule taken from the scheduler config
         (``image.pretrained.load_pretrained``; a hub id not cached fails within seconds offline).
         ``data`` gives the images of forward-diffused training states (CIFAR-10 train for that
-        teacher: pass ``root``); ``kw`` as for ``ImageBackend``."""
-        from .pretrained import load_pretrained
+        teacher: pass ``root``); ``kw`` as for ``ImageBackend``. Only safetensors weights load
+        unless ``allow_pickle=True`` (unpickling runs code: only for a folder you trust).
+        Every argument is checked before the teacher is loaded."""
+        from .pretrained import check_from_pretrained, load_pretrained
 
-        if "teacher" in kw:
-            fail("teacher", kw["teacher"], "nothing: from_pretrained loads the teacher from model")
-        return cls(data, load_pretrained(model, kw.get("device", "cpu")), **kw)
+        allow_pickle = check_from_pretrained(model, data, kw)  # pops allow_pickle from kw
+        return cls(data, load_pretrained(model, kw.get("device", "cpu"), allow_pickle), **kw)
 
     def _train(self, teacher_dir, steps, seed, kw):
         if teacher_dir is not None:
@@ -403,21 +348,38 @@ class ImageBackend(Backend):
 
     def sample_data(self, n, generator=None):
         x0, c = self.data.sample(n, generator)
-        return x0.to(self.device), (c.to(self.device) if self.conditional else None)
+        return x0.to(self.device), (self.cond_at(c, generator=generator) if self.conditional
+                                    else None)
 
     def sample_cond(self, n, generator=None):
-        """Class labels drawn with the data's class weights (None when unconditional)."""
+        """Labels drawn with the data's class weights, via ``cond_at`` (None: unconditional)."""
         if not self.conditional:
             return None
         idx = torch.multinomial(self.class_weights, n, replacement=True, generator=generator)
-        return idx.to(self.device)
+        return self.cond_at(idx, generator=generator)
+
+    def cond_at(self, labels: torch.Tensor, w: float | None = None, generator=None):
+        """The conditioning of ``labels`` (B,): the labels, or with a w-embedding {"y": labels,
+        "w": (B,)} at ``w`` (default: the fixed w, or drawn per sample from the range)."""
+        y = labels.to(self.device)
+        if not self.w_embed:
+            return y
+        if w is None and self.w_range is not None:
+            lo, hi = self.w_range
+            w = lo + (hi - lo) * torch.rand(len(y), generator=generator)
+        w = torch.as_tensor(self.guidance if w is None else w, dtype=torch.float32)
+        return {"y": y, "w": w.expand(len(y)).clone().to(self.device)}
 
     def sample_noise(self, n, generator=None):
         return torch.randn((n, *self.shape), generator=generator).to(self.device)
 
     def make_student(self) -> nn.Module:
-        """A trainable copy of the teacher's wrapped network (same parameterisation)."""
-        return copy.deepcopy(self.cond_teacher).train().requires_grad_(True)
+        """A trainable copy of the teacher's wrapped network (same parameterisation), with a
+        zero-initialised guidance-scale embedding when ``w_embed``."""
+        student = copy.deepcopy(self.cond_teacher)
+        if self.w_embed:
+            student.net.add_w_embedding(self.w_embed_dim)
+        return student.train().requires_grad_(True)
 
     def plot_samples(self, x, ax, nrow: int | None = None, title: str | None = None):
         from .plots import image_grid
@@ -476,9 +438,11 @@ def check_args(p: dict, prefix: str = "") -> None:
         fail(f"{prefix}teacher", type(teacher).__name__, "a checkpoint folder, None (train one) "
              "or a wrapped Denoiser with .net and .schedule (see ddil_lab.denoiser.wrap)")
     g = p.get("guidance", 1.0)
-    if not (isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 1.0):
-        fail(f"{prefix}guidance", g, "a number >= 1 (1 = no guidance)")
-    for key in ("conditional", "download"):
+    if not (len(g) == 2 and all(map(is_number, g)) and 1.0 <= g[0] <= g[1]
+            if isinstance(g, (tuple, list)) else is_number(g) and g >= 1.0):
+        fail(f"{prefix}guidance", g, "a number >= 1 (1 = no guidance), or a range (w_min, "
+             "w_max) with 1 <= w_min <= w_max")
+    for key in ("conditional", "download", "w_embed"):
         if p.get(key) is not None and not isinstance(p[key], bool):
             fail(f"{prefix}{key}", p[key], "True, False or None")
     if "teacher_steps" in p and not (is_int(p["teacher_steps"]) and p["teacher_steps"] >= 1):

@@ -15,6 +15,9 @@ LPIPS diversity and precision/recall come from ``ddil_lab.metrics``).
 - Precision / recall (Kynkaenniemi et al. 2019): k-NN manifold estimates in feature space.
 - Covariate shift per step: the Frechet distance between the states a policy visits at t and
   forward-diffused data states q_t, in a feature space (default: pixels average-pooled to 8x8).
+- Guided cells (``ClassReference``): the same metrics class by class against the guided
+  teacher's samples (not the data), class accuracy under a fixed classifier, and the per-step
+  gap to q_t / drift from the teacher in the shift diagnostic's units.
 
 Every function takes images (N, C, H, W) in [-1, 1] or features (N, D).
 """
@@ -220,7 +223,7 @@ class ImageEvaluator:
         self.class_weights = data.class_weights
         # diversity: div_groups conditionings, div_per_group noises each
         labels = (torch.arange(div_groups) % data.num_classes).repeat_interleave(div_per_group)
-        self.div_cond = labels.to(self.x_T.device) if backend.conditional else None
+        self.div_cond = backend.cond_at(labels) if backend.conditional else None
         self.div_x_T = backend.sample_noise(div_groups * div_per_group, g)
         self.div_shape = (div_groups, div_per_group)
         self.diversity_kind, self._distance = _diversity_distance(diversity, features, lpips_net,
@@ -341,3 +344,89 @@ class _GridSampler:
     def sample(self, x_T, cond=None):
         from ..sampling import sample
         return sample(self.policy, x_T, self.grid, cond, schedule=self.schedule)
+
+
+# ---------------------------------------------------------------------------------------------
+# guided (class-conditional) evaluation against the teacher: the image slice of the regime map
+# ---------------------------------------------------------------------------------------------
+class ClassReference:
+    """The evaluation set of one guided image cell, against the teacher being distilled (not
+    the data), as the toy regime map does it.
+
+    ``labels`` are balanced (class k = index % K), students start from ``x_T`` with
+    ``cond = backend.cond_at(labels)``; the (guided) teacher walks ``fine_steps`` steps from
+    independent noise with the same labels, and its final samples are the reference of the
+    sample metrics, its states at each grid timestep that of ``drift_t``. ``fwd`` / the floor:
+    two draws of forward states x_t ~ q_t(x | c) (data of the same labels), the states forward-
+    only training sees. Distances between states are taken in ``state_features`` (default: 8x8
+    pooled pixels), normalised as the shift diagnostic's (``ddil_lab.shift``): (SW1 - floor_t) /
+    scale_t, class by class. ``grid``: every student timestep the cell needs (a 4-step grid
+    holds the 2-step one)."""
+
+    def __init__(self, backend, classifier, n: int = 500, grid=None, fine_steps: int = 32,
+                 state_features=pooled_pixels, n_proj: int = 64, seed: int = 1234):
+        from ..diffusion import timesteps
+        from ..metrics import state_distance
+        from ..sampling import DDIMPolicy, sample
+
+        S, data = backend.schedule, backend.data
+        g = torch.Generator().manual_seed(seed)
+        self.grid = [int(t) for t in (grid if grid is not None else timesteps(4, S.T))]
+        self.classifier, self.state_features, self.n_proj = classifier, state_features, n_proj
+        self.labels = torch.arange(n) % data.num_classes
+        self.cond = backend.cond_at(self.labels)
+        self.x_T = backend.sample_noise(n, g)
+        traj = sample(DDIMPolicy(backend.teacher, S, fine_steps=fine_steps),
+                      backend.sample_noise(n, g), self.grid, self.cond, schedule=S)
+        self.samples = traj.sample.float().cpu().clamp(-1, 1)
+        self.feats = extract(ClassifierFeatures(classifier), self.samples)
+        self.accuracy = float((predict(classifier, self.samples) == self.labels).double().mean())
+        same_class = (data.labels[None] == self.labels[:, None]).double()  # (n, N)
+        fwd = []
+        for _ in range(2):
+            x0 = data.get(torch.multinomial(same_class, 1, generator=g).squeeze(1))[0]
+            fwd.append({t: state_features(S.q_sample(x0, t, torch.randn(x0.shape, generator=g)))
+                        for t in self.grid})
+        self.fwd = fwd[0]
+        self.teacher_states = {t: state_features(x.float().cpu())
+                               for t, x in zip(self.grid, traj.xs)}
+        y = self.labels
+        self.floor = {t: state_distance(fwd[1][t], fwd[0][t], y, y, n_proj=n_proj)
+                      for t in self.grid}
+        self.scale = {t: float(fwd[0][t].double().var(0).mean().sqrt()) for t in self.grid}
+
+    def shift(self, states: torch.Tensor, t: int, against: str = "fwd") -> float:
+        """(SW1(states, reference states at t) - floor_t) / scale_t, class by class; against
+        "fwd" (q_t: the train-visit gap of forward-only training) or "teacher" (drift)."""
+        from ..metrics import state_distance
+
+        ref = (self.fwd if against == "fwd" else self.teacher_states)[t]
+        d = state_distance(self.state_features(states.float().cpu()), ref, self.labels,
+                           self.labels, n_proj=self.n_proj)
+        return (d - self.floor[t]) / max(self.scale[t], 1e-12)
+
+    @torch.no_grad()
+    def evaluate(self, student, pr_k: int = 3) -> dict:
+        """Metrics of anything with ``.sample(x_T, cond) -> Trajectory`` against the teacher:
+        ``fid_class`` (classifier-feature FID of each class's samples to the teacher's samples
+        of that class, averaged over classes; biased at this size, so compare arms on the same
+        set only), ``fid`` (all classes pooled), ``precision`` / ``recall`` (per class,
+        averaged), ``acc`` (fraction classified as their label by the fixed classifier), and
+        at each student timestep t ``gap_t{t}`` (shift from q_t) and ``drift_t{t}`` (from the
+        teacher's states), with their means ``gap`` and ``drift``."""
+        traj = student.sample(self.x_T, self.cond)
+        x = traj.sample.float().cpu().clamp(-1, 1)
+        f, y = extract(ClassifierFeatures(self.classifier), x), self.labels
+        per = [(frechet_distance(f[y == c], self.feats[y == c]),
+                precision_recall(self.feats[y == c], f[y == c], k=pr_k)) for c in y.unique()]
+        out = {"fid_class": sum(d for d, _ in per) / len(per), "fid": frechet_distance(f, self.feats),
+               "precision": sum(p["precision"] for _, p in per) / len(per),
+               "recall": sum(p["recall"] for _, p in per) / len(per),
+               "acc": float((predict(self.classifier, x) == y).double().mean())}
+        grid = [int(t) for t in traj.grid]
+        for t, x_t in zip(grid, traj.xs):
+            out[f"gap_t{t}"] = self.shift(x_t, t, "fwd")
+            out[f"drift_t{t}"] = self.shift(x_t, t, "teacher")
+        out["gap"] = sum(out[f"gap_t{t}"] for t in grid) / len(grid)
+        out["drift"] = sum(out[f"drift_t{t}"] for t in grid) / len(grid)
+        return out

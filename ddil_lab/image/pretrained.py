@@ -25,7 +25,7 @@ from torch import nn
 
 from ..denoiser import wrap
 from ..diffusion import prediction_from_config, schedule_from_config
-from ..hub import require_download
+from ..hub import check_pipeline_folder, hub_id_what, missing_model, require_download
 
 PIPELINES = ("DDPMPipeline", "DDIMPipeline")
 # diffusers' names -> ours (the same tables as the sd tier's; tiers do not import each other)
@@ -93,21 +93,21 @@ class DiffusersUNet(nn.Module):
 def pipeline_folder(model: str | os.PathLike, patterns=("model_index.json", "unet/*",
                                                          "scheduler/*", STUDENT_FILE)) -> Path:
     """A local pipeline folder for a folder or hub id: the folder itself, or the hub snapshot in
-    the local cache (files matching ``patterns``; None: all). A hub id that is not cached raises
-    ``OfflineError`` within seconds when the hub is unreachable, else it is downloaded."""
+    the local cache (files matching ``patterns``; None: all). A name that is no folder and not
+    of the hub's ``owner/name`` form raises ``MissingPath`` (no such folder); a hub id that is
+    not cached raises ``OfflineError`` within seconds when the hub is unreachable (saying that
+    no such folder exists either), else it is downloaded."""
     model = os.fspath(model)
     if os.path.isdir(model):
         return Path(model)
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise FileNotFoundError(f"model={model!r}: no such folder (and not a hub id "
-                                "'owner/name')")
+    missing_model(model)
     from huggingface_hub import snapshot_download
 
     patterns = list(patterns) if patterns is not None else None
     try:
         return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=True))
     except (OSError, ValueError):  # not cached (LocalEntryNotFoundError is both)
-        require_download(f"diffusers pipeline {model!r}",
+        require_download(hub_id_what(model),
                          hint="Download it on a machine with internet access (e.g. `hf download "
                               f"{model} --local-dir DIR`) and pass the folder DIR instead.")
         return Path(snapshot_download(model, allow_patterns=patterns))
@@ -130,20 +130,42 @@ def read_pipeline_configs(folder: Path) -> tuple[dict, dict]:
     return index, json.loads(sched_path.read_text())
 
 
-def load_pretrained(model: str | os.PathLike, device="cpu") -> nn.Module:
+def check_from_pretrained(model, data, kw: dict) -> bool:
+    """The arguments of ``ImageBackend.from_pretrained``, before anything is loaded
+    (``ConfigError`` naming the first bad one); pops and returns ``allow_pickle`` from ``kw``."""
+    from ..validation import check_bool, check_device, fail
+    from .backend import check_args
+
+    allow_pickle = kw.pop("allow_pickle", False)
+    check_bool("allow_pickle", allow_pickle)
+    if "teacher" in kw:
+        fail("teacher", kw["teacher"], "nothing: from_pretrained loads the teacher from model")
+    if not isinstance(model, (str, os.PathLike)) or not os.fspath(model):
+        fail("model", model, "a DDPMPipeline folder or a hub id 'owner/name'")
+    check_args({"data": data, **kw})
+    check_device("device", kw.get("device", "cpu"))
+    return allow_pickle
+
+
+def load_pretrained(model: str | os.PathLike, device="cpu", allow_pickle: bool = False
+                    ) -> nn.Module:
     """The UNet of a ``DDPMPipeline`` folder or hub id as a frozen Denoiser
     ``(x_t, t, cond) -> x0_hat``, parameterised and scheduled as its scheduler config says
-    (``.net`` is a ``DiffusersUNet``, ``.schedule`` the ``Schedule``; ``.source`` the folder)."""
+    (``.net`` is a ``DiffusersUNet``, ``.schedule`` the ``Schedule``; ``.source`` the folder).
+    The folder is checked first (``hub.check_pipeline_folder``: every component present, and
+    safetensors weights only, unless ``allow_pickle`` for a folder you trust)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     folder = pipeline_folder(model)
+    check_pipeline_folder(folder, allow_pickle)
     _, sched_cfg = read_pipeline_configs(folder)
     schedule = schedule_from_config(sched_cfg)
     ref = DDPMScheduler.from_config(sched_cfg).alphas_cumprod  # the scheduler's own betas
     if not torch.allclose(schedule.alpha_bar[:-1], torch.as_tensor(ref).float(), atol=1e-6,
                           rtol=1e-5):
         raise ValueError(f"{schedule} does not reproduce the scheduler's alphas_cumprod")
-    unet = UNet2DModel.from_pretrained(str(folder), subfolder="unet")
+    unet = UNet2DModel.from_pretrained(str(folder), subfolder="unet",
+                                       use_safetensors=None if allow_pickle else True)
     teacher = wrap(DiffusersUNet(unet), schedule, prediction_from_config(sched_cfg))
     teacher.source = str(model)
     return teacher.to(device).eval().requires_grad_(False)
@@ -189,13 +211,15 @@ def student_info(folder: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_student(model: str | os.PathLike, device="cpu") -> tuple[nn.Module, dict]:
+def load_student(model: str | os.PathLike, device="cpu", allow_pickle: bool = False
+                 ) -> tuple[nn.Module, dict]:
     """(Denoiser, info) of a pipeline folder: an exported student re-wrapped as it was trained
     (its consistency function included), with its ``ddil_student.json``; any other DDPM
-    pipeline as its plain Denoiser with info {} (sample it with DDIM)."""
+    pipeline as its plain Denoiser with info {} (sample it with DDIM). Safetensors weights
+    only, unless ``allow_pickle``."""
     from ..methods.lcm import ConsistencyFn
 
-    den = load_pretrained(model, device)
+    den = load_pretrained(model, device, allow_pickle)
     info = student_info(pipeline_folder(model)) or {}
     if "consistency_fn" in info:
         c = info["consistency_fn"]

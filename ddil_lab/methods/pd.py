@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import substeps, timesteps
-from ..sampling import DDIMPolicy, take_cond
+from ..diffusion import _bcast, substeps, timesteps
+from ..sampling import DDIMPolicy
 from ..validation import check_callable, check_choice, check_int, fail
 from .base import Method, per_sample_mean
 
@@ -72,25 +72,33 @@ class PD(Method):
         return sp
 
     @torch.no_grad()
-    def target(self, x_t, t: int, cond=None):
+    def target(self, x_t, t, cond=None):
         """(x0_tgt, x_s): the x0 that makes one student DDIM step t -> s land on the teacher's
-        x_s after ``substeps`` DDIM steps."""
-        s = self.next_t[t]
+        x_s after ``substeps`` DDIM steps. ``t``: one grid time, or one per state (B,): states
+        at different grid times walk their teacher steps together, one teacher call per
+        substep for the whole batch."""
+        B, grid = x_t.shape[0], self.grid.to(x_t.device)
+        t = torch.as_tensor(t, device=x_t.device).expand(B)
+        i = torch.searchsorted(-grid, -t).clamp_max(len(grid) - 1)  # grid is descending
+        if not torch.equal(grid[i], t):
+            bad = t[grid[i] != t][0].item()
+            raise ValueError(f"PD got a state at t={bad}, not on its {self.n_steps}-step grid")
         teacher = DDIMPolicy(self.counted_teacher_x0, self.schedule,
                              fine_steps=self.n_steps * self.substeps if self.substeps > 1 else None)
-        x_s, _ = teacher.step(x_t, t, s, cond)
-        S = self.schedule
-        r = S.sigma(s) / S.sigma(t)
-        x0_tgt = (x_s - r * x_t) / (S.alpha(s) - r * S.alpha(t))
-        return x0_tgt.float(), x_s
+        pts = torch.tensor([teacher.points(u, self.next_t[u]) for u in self.grid.tolist()],
+                           device=x_t.device)  # (n_steps, substeps + 1): each interval's walk
+        walk = pts[i]  # (B, substeps + 1): the teacher's timesteps from each state's t to its s
+        x = x_t
+        for j in range(walk.shape[1] - 1):
+            x0 = self.counted_teacher_x0(x, walk[:, j], cond)
+            x = self.schedule.ddim_step(x, x0, walk[:, j], walk[:, j + 1])
+        S, s = self.schedule, walk[:, -1]
+        r = _bcast(S.sigma(s) / S.sigma(t), x)
+        x0_tgt = (x - r * x_t) / (_bcast(S.alpha(s), x) - r * _bcast(S.alpha(t), x))
+        return x0_tgt.float(), x
 
     def losses(self, states):
-        x0_tgt = torch.empty_like(states.x_t, dtype=torch.float32)
-        for t in states.t.unique().tolist():  # the teacher walks one grid interval per group
-            if t not in self.next_t:
-                raise ValueError(f"PD got a state at t={t}, not on its {self.n_steps}-step grid")
-            idx = (states.t == t).nonzero().squeeze(1)
-            x0_tgt[idx], _ = self.target(states.x_t[idx], t, take_cond(states.cond, idx))
+        x0_tgt, _ = self.target(states.x_t, states.t, states.cond)  # all grid times at once
         x0 = self.student(states.x_t, states.t, states.cond)
         S = self.schedule
         if self.space == "x0":

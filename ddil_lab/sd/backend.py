@@ -30,10 +30,11 @@ from torch import nn
 
 from .data import (LatentCache, image_size, load_image_captions, read_captions, sample_latents,
                    vae_moments)
-from ..denoiser import CFG, wrap
+from ..denoiser import CFG, BatchedCFG, wrap  # noqa: F401 (BatchedCFG: re-exported)
 from ..diffusion import (DIFFUSERS_PREDICTIONS, Schedule, Threshold, prediction_from_config,
                          schedule_from_config, threshold)
 from ..hub import OfflineError
+from ..validation import check_device
 from .loading import (SUPPORTED, check_pipeline_folder, load_pipeline, load_unet,  # noqa: F401
                       looks_like_path)
 from ..backend import Backend
@@ -172,25 +173,6 @@ def adamw(params, lr: float, eight_bit: bool = False, **kw) -> torch.optim.Optim
     return bnb.optim.AdamW8bit(params, lr=lr, **kw)
 
 
-class BatchedCFG(CFG):
-    """``CFG`` with the conditional and unconditional halves in one network call, as diffusers'
-    pipelines do it: the same x0_u + w (x0_c - x0_u), half the UNet calls."""
-
-    def forward(self, x_t, t, cond=None):
-        w = self.w if self.w is not None else cond["w"]
-        if cond is None or (isinstance(w, (int, float)) and w == 1.0):
-            return self.denoiser(x_t, t, cond)
-        B = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device).expand(B)
-        uncond = self.uncond(cond)
-        both = {k: torch.cat([uncond[k], v]) if torch.is_tensor(v) and v.ndim else v
-                for k, v in cond.items()}
-        x0_u, x0_c = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
-        if torch.is_tensor(w):
-            w = w.reshape(w.shape + (1,) * (x_t.ndim - w.ndim)).float()
-        return x0_u + w * (x0_c - x0_u)
-
-
 # ---- thresholding in latent space ----
 class LatentThreshold(Threshold):
     """The data support in latent space. "static" clamps x0 to [lo, hi]. "dynamic" is Imagen's
@@ -259,6 +241,7 @@ class SDBackend(Backend):
                              "list, for data-free distillation)")
         if not isinstance(lora_rank, int) or lora_rank < 0:
             raise ValueError(f"lora_rank={lora_rank!r} must be an int >= 0")
+        check_device("device", device)  # before anything is loaded
         self.device = torch.device(device)
         self.dtype = MIXED_PRECISION[mixed_precision]
         self._set_guidance(guidance)

@@ -194,10 +194,17 @@ def pipeline_kwargs(folder: str | os.PathLike) -> dict:
     return kw
 
 
-def load_student_pipeline(folder: str | os.PathLike, **from_pretrained_kw):
+def load_student_pipeline(folder: str | os.PathLike, allow_pickle: bool = False,
+                          **from_pretrained_kw):
     """``(pipe, kwargs)``: the exported pipeline (``DiffusionPipeline.from_pretrained``) and the
-    call arguments from ``pipeline_kwargs``; sample with ``pipe(prompt, **kwargs)``."""
+    call arguments from ``pipeline_kwargs``; sample with ``pipe(prompt, **kwargs)``. The folder
+    is checked first (``hub.check_pipeline_folder``); pickled weights load only with
+    ``allow_pickle=True``."""
     from diffusers import DiffusionPipeline
 
+    from ..hub import check_pipeline_folder
+
+    check_pipeline_folder(folder, allow_pickle, param="folder")
+    from_pretrained_kw.setdefault("use_safetensors", None if allow_pickle else True)
     pipe = DiffusionPipeline.from_pretrained(os.fspath(folder), **from_pretrained_kw)
     return pipe, pipeline_kwargs(folder)

@@ -10,55 +10,15 @@ import os
 import torch
 from torch import nn
 
-from ..hub import hub_offline, require_download
+from ..hub import (NO_WEIGHTS, PICKLE_EXTS, check_pipeline_folder, hub_id_what, hub_offline,
+                   is_hub_id, missing_model, require_download)
 
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-NO_WEIGHTS = ("Tokenizer", "TokenizerFast", "Scheduler", "ImageProcessor", "FeatureExtractor")
-PICKLE_EXTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def looks_like_path(s: str) -> bool:
-    """A local path rather than a hub id 'org/name' (which has exactly one '/')."""
-    return (os.path.isabs(s) or s.startswith((".", "~")) or s.count("/") > 1
-            or os.sep != "/" and os.sep in s or os.path.exists(s))
-
-
-def check_pipeline_folder(folder: str, allow_pickle: bool = False) -> dict:
-    """The ``model_index.json`` of a local pipeline folder, after checking that every component
-    it lists has its subfolder and, for networks, safetensors weights (pickled ``.bin`` weights
-    only with ``allow_pickle=True``: unpickling runs code). Raises ``FileNotFoundError`` naming
-    the missing component."""
-    import json
-
-    index = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index):
-        raise FileNotFoundError(f"model={folder!r}: the folder holds no model_index.json, so it "
-                                "is not a diffusers pipeline folder (save one with "
-                                "pipe.save_pretrained(folder))")
-    with open(index, encoding="utf-8") as f:
-        config = json.load(f)
-    for name, spec in config.items():
-        if name.startswith("_") or not (isinstance(spec, list) and len(spec) == 2 and spec[1]):
-            continue
-        sub = os.path.join(folder, name)
-        if not os.path.isdir(sub):
-            raise FileNotFoundError(f"model={folder!r}: component {name!r} ({spec[1]}) is listed "
-                                    f"in model_index.json but the folder has no {name}/")
-        if spec[1].endswith(NO_WEIGHTS):
-            continue
-        files = os.listdir(sub)
-        if any(f.endswith(".safetensors") for f in files):
-            continue
-        pickles = sorted(f for f in files if f.endswith(PICKLE_EXTS))
-        if not pickles:
-            raise FileNotFoundError(f"model={folder!r}: component {name!r} ({spec[1]}) has no "
-                                    f"weights in {sub} (no .safetensors file)")
-        if not allow_pickle:
-            raise ValueError(f"model={folder!r}: component {name!r} holds only pickled weights "
-                             f"({', '.join(pickles)}), which are not loaded (unpickling runs "
-                             "code); convert them to safetensors, or pass allow_pickle=True for "
-                             "a folder you trust")
-    return config
+    """A local path rather than a hub id 'owner/name'."""
+    return os.path.exists(s) or not is_hub_id(s)
 
 
 def load_pipeline(model, dtype: torch.dtype = torch.float32, variant: str | None = None,
@@ -76,14 +36,12 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32, variant: str | None
     model = os.fspath(model)
     if os.path.isdir(model):
         config, local = check_pipeline_folder(model, allow_pickle), True
-    elif looks_like_path(model):
-        raise FileNotFoundError(f"model={model!r}: the folder does not exist (expected a local "
-                                "diffusers pipeline folder; a hub id looks like 'org/name')")
     else:
+        missing_model(model)  # a path (not of the hub's owner/name form): no such folder
         try:
             config, local = DiffusionPipeline.load_config(model, local_files_only=True), True
         except (OSError, ValueError):
-            require_download(f"diffusers pipeline {model!r}",
+            require_download(hub_id_what(model),
                              hint="Download it on a machine with internet access "
                                   "(e.g. `hf download ...`) and pass the local folder.")
             config, local = DiffusionPipeline.load_config(model), False
@@ -119,4 +77,4 @@ def _check_class(name, model):
         raise ValueError(f"model={model!r} is a {name}; the sd backend supports {SUPPORTED}")
 
 
-__all__ = ["SUPPORTED", "check_pipeline_folder", "load_pipeline", "load_unet", "looks_like_path"]
+__all__ = ["NO_WEIGHTS", "PICKLE_EXTS", "SUPPORTED", "check_pipeline_folder", "load_pipeline", "load_unet", "looks_like_path"]

@@ -34,6 +34,8 @@ import os
 
 import torch
 
+from ..validation import check_int, check_out_dir, cli_exit, fail
+
 SHAPES = ("sd15", "ssd1b", "sdxl")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCAB = 49408  # CLIP's BPE vocabulary (embedding rows)
@@ -174,16 +176,56 @@ def random_pipeline(shape: str = "sd15", seed: int = 0, dtype: torch.dtype = tor
                     add_watermarker=False)
 
 
+def check_out(folder: str, param: str = "out") -> list[str]:
+    """``folder`` can take a new pipeline: a new or empty folder, or one holding a pipeline
+    (returns the names it holds: the components listed in its model_index.json and that file,
+    which ``clear_pipeline`` removes). A file, or a non-empty folder without a pipeline (someone's
+    other files), is refused."""
+    import json
+
+    check_out_dir(param, folder)
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return []
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        fail(param, folder, "a new or empty folder, or one holding a pipeline (it is replaced)",
+             f"it holds other files ({', '.join(sorted(os.listdir(folder))[:5])}) and no "
+             "model_index.json")
+    with open(index, encoding="utf-8") as f:
+        listed = [k for k, v in json.load(f).items() if not k.startswith("_") and
+                  isinstance(v, list)]
+    return ["model_index.json"] + [k for k in listed if os.path.isdir(os.path.join(folder, k))]
+
+
+def clear_pipeline(folder: str, names: list[str]) -> None:
+    """Remove an earlier pipeline's components (``check_out``'s names) from ``folder``, so none
+    of them (e.g. SDXL's ``text_encoder_2/``) is left beside the new pipeline's."""
+    import shutil
+
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
 def make_random_pipeline(folder: str | os.PathLike, shape: str = "sd15", seed: int = 0,
                          dtype: str | torch.dtype = "fp32") -> str:
     """Write a full-size random pipeline of ``shape`` into ``folder`` (safetensors) and return
-    the folder. ``dtype`` "bf16" / "fp16" halves the disk and memory (SDXL: 7 GB instead of 14)."""
+    the folder. ``dtype`` "bf16" / "fp16" halves the disk and memory (SDXL: 7 GB instead of 14).
+    A pipeline already in ``folder`` is replaced as a whole: its components are removed (after
+    the new pipeline is built, before it is written), so no stale one stays beside the new."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not one of {tuple(DTYPES)}")
         dtype = DTYPES[dtype]
     folder = os.fspath(folder)
+    old = check_out(folder, "folder")
     pipe = random_pipeline(shape, seed, dtype)
+    if old:
+        print(f"replacing the pipeline in {folder} (removing {', '.join(old)})", flush=True)
+        clear_pipeline(folder, old)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -196,6 +238,8 @@ def main(argv=None) -> str:
                    help="weights dtype on disk (fp32: what a student is initialised from)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    check_out(a.out, "--out")  # before anything is built
+    check_int("--seed", a.seed, 0)
     counts = parameter_counts(a.shape)
     print(f"{a.shape}: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts.items()),
           flush=True)
@@ -204,8 +248,8 @@ def main(argv=None) -> str:
     return out
 
 
-__all__ = ["CONFIGS", "PUBLISHED_UNET", "SHAPES", "build_component", "make_random_pipeline",
-           "parameter_counts", "random_pipeline"]
+__all__ = ["CONFIGS", "PUBLISHED_UNET", "SHAPES", "build_component", "check_out",
+           "clear_pipeline", "make_random_pipeline", "parameter_counts", "random_pipeline"]
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli_exit(main, "python -m ddil_lab.sd.random_pipeline"))

@@ -11,9 +11,10 @@ rollouts) and with or without reflected distillation (x0 clamped to the data sup
                      critic (DMD2 then also samples and rolls out clamped)
     ddil+reflected   both
 
-Seeds are trained as one batched ensemble (``EnsembleBackend``/``SeedEnsemble``): one
-``distill`` call whose conditioning routes each state to its seed's student, so the per-step
-overhead is paid once for all seeds. Each member's student is built under its own seed, so a
+Seeds are trained as one batched ensemble (``EnsembleBackend``/``SeedEnsemble`` in
+``ddil_lab.train.ensemble``: the members' parameters stacked, their networks run as one batched
+computation): one ``distill`` call whose conditioning routes each state to its seed's student,
+so the per-step cost is that of one network over all seeds' states. Each member's student is built under its own seed, so a
 randomly initialised student's weights follow the run seed (and the baseline and DDIL arms of
 one seed start from the same weights). Several *cells* that share their data (e.g. one mixture
 under several guidance scales, student widths or initialisations) train as one ensemble too
@@ -27,14 +28,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
 
 from ..backend import Backend
-from ..denoiser import CFG
 from ..methods import make_method
 from ..methods.base import Method
 from ..rollout import States, StateSampler
-from ..sampling import Trajectory, take_cond
+from .ensemble import EnsembleBackend, MemberView, NFECounter, SeedEnsemble  # noqa: F401
 from .loop import distill
 
 METHODS = ("pd", "lcm", "dmd2")
@@ -139,161 +138,6 @@ def make_arm(method: str, arm: str, n_steps: int = 4, method_kw: dict | None = N
     kw = {**method_defaults(method, n_steps), **(method_kw or {})}
     m = make_method(method, n_steps=n_steps, reflected="reflected" in arm, **kw)
     return m, make_sampler(method, "ddil" in arm, **sampler_kw)
-
-
-# ---------------------------------------------------------------- seeds as one ensemble
-
-class NFECounter(dict):
-    """Rows passed through counted networks, by role. Deep copies share it (an EMA target
-    copied from the student keeps counting into the same counter)."""
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-class SeedEnsemble(nn.Module):
-    """M independent denoisers called as one: ``cond = {"m": member (B,), "c": the real
-    conditioning}`` routes each sample to its member. Summed per-sample losses give each
-    member exactly its own gradient, so one optimizer trains M students at once."""
-
-    def __init__(self, members: list[nn.Module], counter: NFECounter, role: str):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.counter, self.role = counter, role
-
-    def forward(self, x_t, t, cond):
-        self.counter[self.role] = self.counter.get(self.role, 0) + x_t.shape[0]
-        m, c = cond["m"], cond["c"]
-        if len(self.members) == 1:
-            return self.members[0](x_t, t, c)
-        order = torch.argsort(m, stable=True)
-        counts = torch.bincount(m, minlength=len(self.members)).tolist()
-        outs = [self.members[k](x_t[idx], t[idx], take_cond(c, idx))
-                for k, idx in enumerate(order.split(counts)) if len(idx)]
-        return torch.cat(outs)[torch.argsort(order)]  # back to the input order
-
-
-class _Teacher(nn.Module):
-    """The members' teachers, fed the real conditioning and counted. One shared teacher is
-    called once; members whose teachers guide one conditional denoiser with different scales
-    w (``CFG``; an unguided member has w = 1) share its two calls per batch, x0_u + w_m (x0_c -
-    x0_u) with each sample's member's w_m; other teachers are called on their members' rows."""
-
-    def __init__(self, teachers: list, counter: NFECounter):
-        super().__init__()
-        self.counter = counter
-        self.teacher = teachers[0]  # registered as a submodule, as a single teacher always was
-        self.teachers = nn.ModuleList(teachers) if all(isinstance(t, nn.Module) for t in
-                                                       teachers) else list(teachers)
-        inner = [t.denoiser if isinstance(t, CFG) and t.w is not None else t for t in teachers]
-        self.shared = all(t is teachers[0] for t in teachers)
-        self.fused = not self.shared and all(i is inner[0] for i in inner)
-        if self.fused:
-            self.inner = inner[0]
-            self.uncond = next(t.uncond for t in teachers if isinstance(t, CFG))
-            self.register_buffer("w", torch.tensor(
-                [float(t.w) if isinstance(t, CFG) else 1.0 for t in teachers]), persistent=False)
-
-    def forward(self, x_t, t, cond):
-        self.counter["teacher"] = self.counter.get("teacher", 0) + x_t.shape[0]
-        c = cond["c"]
-        if self.shared:
-            return self.teacher(x_t, t, c)
-        if self.fused:
-            x0 = self.inner(x_t, t, c)
-            w = self.w.to(x0.device)[cond["m"]]
-            g = (w != 1.0).nonzero().squeeze(1)  # unguided rows need no unconditional call
-            if len(g):
-                x0_c = x0[g]
-                x0_u = self.inner(x_t[g], t[g], self.uncond(take_cond(c, g)))
-                x0 = x0.clone()
-                x0[g] = x0_u + w[g].reshape(-1, *([1] * (x0.ndim - 1))) * (x0_c - x0_u)
-            return x0
-        out = None
-        for k, teacher in enumerate(self.teachers):  # rows of each member (groups of one teacher)
-            idx = (cond["m"] == k).nonzero().squeeze(1)
-            if len(idx):
-                y = teacher(x_t[idx], t[idx], take_cond(c, idx))
-                out = y.new_empty((x_t.shape[0], *y.shape[1:])) if out is None else out
-                out[idx] = y
-        return out
-
-
-class EnsembleBackend(Backend):
-    """A backend view that trains ``members`` students (and critics) as one ``SeedEnsemble``;
-    every conditioning it hands out is ``{"m": member, "c": base conditioning}``. With
-    members=1 it is the base backend plus network-evaluation counting.
-
-    :param seeds: one seed per member: member k's student (and critic) is built under
-        ``torch.manual_seed(seeds[k])`` (the global stream is restored afterwards), so random
-        initialisations follow the run seed; copies of a pretrained network are unaffected.
-    :param bases: one backend per member (cells of a map trained as one ensemble): member k's
-        student, critic and teacher come from ``bases[k]``; data, noise, schedule and support
-        come from ``base``, which all of them must share.
-    """
-
-    def __init__(self, base: Backend, members: int = 1, seeds=None, bases=None):
-        if not isinstance(members, int) or members < 1:
-            raise ValueError(f"members={members!r} must be a positive int")
-        bases = list(bases) if bases is not None else [base] * members
-        if len(bases) != members:
-            raise ValueError(f"bases has {len(bases)} backends for members={members}")
-        if seeds is not None and len(seeds) != members:
-            raise ValueError(f"seeds={list(seeds)} must name one seed per member ({members})")
-        for b in bases:
-            if b.shape != base.shape or b.schedule.T != base.schedule.T:
-                raise ValueError("every member backend must share the base's shape and schedule")
-        self.base, self.members, self.bases = base, members, bases
-        self.seeds = list(seeds) if seeds is not None else None
-        self.counter = NFECounter()
-        self.schedule, self.support, self.shape = base.schedule, base.support, base.shape
-        self.has_data = base.has_data
-        self.teacher = _Teacher([b.teacher for b in bases], self.counter)
-
-    def _wrap(self, c, n):
-        return {"m": torch.arange(n) % self.members, "c": c}
-
-    def sample_data(self, n, generator=None):
-        x0, c = self.base.sample_data(n, generator)
-        return x0, self._wrap(c, n)
-
-    def sample_cond(self, n, generator=None):
-        return self._wrap(self.base.sample_cond(n, generator), n)
-
-    def sample_noise(self, n, generator=None):
-        return self.base.sample_noise(n, generator)
-
-    def _build(self, k: int, kind: str) -> nn.Module:
-        make = getattr(self.bases[k], kind)
-        if self.seeds is None:
-            return make()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seeds[k])
-            return make()
-
-    def make_student(self):
-        return SeedEnsemble([self._build(k, "make_student") for k in range(self.members)],
-                            self.counter, "student")
-
-    def make_critic(self):
-        return SeedEnsemble([self._build(k, "make_critic") for k in range(self.members)],
-                            self.counter, "critic")
-
-
-class MemberView:
-    """One trained student of an ensemble run: ``.sample(x_T, cond)`` samples it the way it
-    runs at inference (its method's policy on its grid), with the base conditioning."""
-
-    def __init__(self, method: Method, member: int, seed: int, run: dict):
-        self.method, self.member, self.seed, self.run = method, member, seed, run
-
-    @property
-    def grid(self) -> list[int]:
-        return self.method.grid.tolist()
-
-    def sample(self, x_T, cond=None) -> Trajectory:
-        m = torch.full((x_T.shape[0],), self.member, dtype=torch.long)
-        return self.method.sample(x_T, {"m": m, "c": cond})
 
 
 def train_arm(backend: Backend, method: str, arm: str, seeds=(0, 1, 2), steps: int = 300,

@@ -26,6 +26,8 @@ import inspect
 import json
 import math
 import os
+import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -40,6 +42,7 @@ from ..validation import check_bool, check_choice, check_int, check_number, fail
 from .args import LR_SCHEDULES, check_distill_args, check_parts
 from .checkpoint import CheckpointError, checkpoints, first_nonfinite, load_latest, save_checkpoint
 from .fsdp import Sharded, full, full_state, load_module, load_optimizer, local, swap_modules
+from .interrupts import Interrupted, StopSignals, signalled
 from .processes import (Processes, load_process_state, plan_seed, process_state, rank_seed,
                         seed_everything)
 from .resume import apply_settings, backend_identity, check_resumable
@@ -302,6 +305,9 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
         result.resumes = list(meta.get("resumes", []))
         result.resumed_from = result.last_checkpoint = path
         start = meta["step"]
+        if procs.is_main:
+            print(f"distill: resumed from step {start} in folder {out_dir} ({path})",
+                  file=sys.stderr, flush=True)
         if changed:
             result.resumes.append({"step": start, "from": path, "changed": changed})
             # extending a constant-schedule run changes nothing that is already trained
@@ -352,7 +358,9 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
     bar = tqdm(range(start, steps), desc=f"{method.name}{'+ddil' if sampler.is_ddil else ''}",
                disable=not (progress and procs.is_main), initial=start, total=steps)
     t0 = time.time()
+    stop = StopSignals(checkpointing)  # SIGINT / SIGTERM: checkpoint this step, then stop
     try:
+        stop.__enter__()
         for step in bar:
             plan = torch.Generator().manual_seed(plan_seed(seed, step)) if shared_plan else None
             states = sampler.sample(backend, spec, method.student, local_batch, step, plan=plan)
@@ -400,12 +408,22 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
                                 skip_limit)
             if "loss/student" in rec:
                 bar.set_postfix(loss=f"{rec['loss/student']:.4g}")
-            if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == steps):
+            written = ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == steps)
+            if written:
                 checkpoint(step + 1)
             if eval_every and (step + 1) % eval_every == 0 and (procs.is_main or sharded is not None):
                 for cb in callbacks:
                     cb(step + 1, result)
+            if signalled(stop, procs):
+                if not written:
+                    checkpoint(step + 1)  # the same atomic save as the periodic ones
+                name = signal.Signals(stop.signum or signal.SIGINT).name
+                raise Interrupted(f"{name}: {method.name} stopped after step {step + 1} of "
+                                  f"{steps}; checkpoint {result.last_checkpoint} written, resume "
+                                  "with resume=True (train_toy.py: --resume)", step + 1,
+                                  result.last_checkpoint, stop.signum or signal.SIGINT)
     finally:
+        stop.__exit__()
         if log is not None:
             log.close()
         bar.close()
