@@ -31,15 +31,25 @@ from .hub import require_download
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.05, 0.1, 0.2, 0.5, 1.0),
-        max_n: int = 2000, seed: int = 0) -> float:
-    """Unbiased squared MMD with a sum of RBF kernels; at most ``max_n`` points of each set."""
+        max_n: int = 2000, seed: int = 0, cache: dict | None = None) -> float:
+    """Unbiased squared MMD with a sum of RBF kernels; at most ``max_n`` points of each set.
+    ``cache``: a dict kept with the reference set ``y`` (e.g. across the students scored
+    against one teacher): its y-y kernel sum is computed once (when y is not subsampled, the
+    sum does not depend on the order the subsampling draws)."""
     g = torch.Generator().manual_seed(seed)
+    cacheable = cache is not None and len(y) <= max_n  # y whole: its sum is order-free
     x = x.double().flatten(1)[torch.randperm(len(x), generator=g)[:max_n]]
     y = y.double().flatten(1)[torch.randperm(len(y), generator=g)[:max_n]]
 
     n, m = len(x), len(y)
-    (sxx, dxx), (syy, dyy), (sxy, _) = (_kernel_sum(a, b, bandwidths)
-                                         for a, b in ((x, x), (y, y), (x, y)))
+    key = ("mmd_yy", tuple(bandwidths), m)
+    if cacheable and key in cache:
+        syy, dyy = cache[key]
+    else:
+        syy, dyy = _kernel_sum(y, y, bandwidths)
+        if cacheable:
+            cache[key] = (syy, dyy)
+    (sxx, dxx), (sxy, _) = (_kernel_sum(a, b, bandwidths) for a, b in ((x, x), (x, y)))
     return float((sxx - dxx) / (n * (n - 1)) + (syy - dyy) / (m * (m - 1)) - 2 * sxy / (n * m))
 
 
@@ -54,16 +64,23 @@ def _kernel_sum(a, b, bandwidths) -> tuple[torch.Tensor, torch.Tensor]:
     return total, trace
 
 
-def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_proj: int = 256, seed: int = 0) -> float:
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_proj: int = 256, seed: int = 0,
+                       cache: dict | None = None) -> float:
     """Sliced 1-Wasserstein distance: the mean over random directions of W1 between the
-    projections (compared at matched quantiles, so the two sets may differ in size)."""
+    projections (compared at matched quantiles, so the two sets may differ in size).
+    ``cache``: as for ``mmd``, keeps the reference set y's quantiles."""
     x, y = x.double().flatten(1), y.double().flatten(1)
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(x.shape[1], n_proj, generator=g, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
     q = torch.linspace(0.0005, 0.9995, max(len(x), len(y)), dtype=torch.float64)
     px = torch.quantile(x @ dirs, q, dim=0)
-    py = torch.quantile(y @ dirs, q, dim=0)
+    key = ("sw_y", n_proj, seed, len(q))
+    if cache is None or key not in cache:
+        py = torch.quantile(y @ dirs, q, dim=0)
+        if cache is not None:
+            cache[key] = py
+    py = cache[key] if cache is not None else py
     return float((px - py).abs().mean())
 
 

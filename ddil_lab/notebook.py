@@ -3,6 +3,9 @@
 Markdown tables of per-seed metrics (mean ± std), a verdict between two arms from their seeds,
 ``explore``: one figure with widget controls, redrawn in place, with a static fallback for
 headless runs, and ``output_problems``: what a reader should not see in an executed notebook.
+``repo_path`` resolves a relative run folder against the repository root, so a notebook writes
+to the same ``runs/`` from JupyterLab (working directory ``notebooks/``) and from papermill
+(run from the root). ``fill`` writes a sentence from a run's numbers (never typed in).
 Nothing here knows a tier: it imports matplotlib, IPython and ipywidgets lazily or not at all.
 """
 
@@ -22,6 +25,36 @@ def setup(threads: int = 1, seed: int = 0) -> None:
     seed."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
+
+
+def repo_root() -> str | None:
+    """The ddil_lab checkout this package runs from (the folder holding ``pyproject.toml`` and
+    ``notebooks/`` above the package), else the first such folder above the working directory;
+    None for an installed package used outside a checkout."""
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    starts = [pkg, os.getcwd()]
+    for start in starts:
+        d = start
+        while True:
+            if os.path.isfile(os.path.join(d, "pyproject.toml")) and \
+                    os.path.isdir(os.path.join(d, "notebooks")):
+                return d
+            parent = os.path.dirname(d)
+            if parent == d:
+                break
+            d = parent
+    return None
+
+
+def repo_path(path: str) -> str:
+    """A run folder or file as the notebooks use it: an absolute path unchanged, a relative one
+    (``runs/notebooks/01_covariate_shift``) against the repository root (``repo_root``; the
+    working directory outside a checkout). JupyterLab starts a notebook's kernel in
+    ``notebooks/`` and papermill in the folder it runs from: both then share one ``runs/``
+    (and, e.g., notebook 05's cached teacher). "" stays "" (no folder)."""
+    if not path or os.path.isabs(path):
+        return path
+    return os.path.join(repo_root() or os.getcwd(), path)
 
 
 def _in_ipython() -> bool:
@@ -60,7 +93,8 @@ def _scalar_items(d: dict, prefix: str = ""):
 
 class Recorder:
     """What a notebook run leaves behind for readers and tests: figures as PNG files and
-    scalar metrics in ``metrics.json`` under ``out_dir``.
+    scalar metrics in ``metrics.json`` under ``out_dir`` (a relative ``out_dir`` is resolved
+    against the repository root: ``repo_path``).
 
     ``rec.figure("name", fig)`` saves the figure and shows the saved PNG;
     ``rec.log(prefix, {...})`` adds scalars (nested dicts are flattened as ``a/b``, non-scalars
@@ -69,6 +103,7 @@ class Recorder:
     """
 
     def __init__(self, out_dir: str):
+        out_dir = repo_path(out_dir)  # relative: under the repository root (``repo_path``)
         self.out_dir = out_dir
         self._t0, self._c0 = time.perf_counter(), time.process_time()
         os.makedirs(out_dir, exist_ok=True)
@@ -116,16 +151,39 @@ class Recorder:
         return path
 
 
+def mean_sd(v) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) of a list of numbers."""
+    v = [float(x) for x in v]
+    mu = sum(v) / len(v)
+    sd = math.sqrt(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return mu, sd
+
+
+def plus_minus(mu: float, sd: float, digits: int = 2, fmt: str = "{:.3g}") -> str:
+    """``mu ± sd`` with both rounded to the same decimal place: the spread to ``digits``
+    significant digits, the mean to the spread's last digit (``0.0235 ± 0.00071``,
+    ``1216 ± 98``). A zero or non-finite spread: both with ``fmt``."""
+    if not (math.isfinite(mu) and math.isfinite(sd)) or sd <= 0:
+        return f"{fmt.format(mu)} ± {fmt.format(sd)}"
+    place = digits - 1 - math.floor(math.log10(sd))  # decimals that keep `digits` of sd
+    sd_r = round(sd, place)
+    if sd_r >= 10 ** (digits - place):  # rounding carried over (e.g. 99.6 -> 100)
+        place -= 1
+        sd_r = round(sd, place)
+    if place > 0:
+        return f"{mu:.{place}f} ± {sd_r:.{place}f}"
+    return f"{round(mu, place):.0f} ± {sd_r:.0f}"
+
+
 def markdown_table(rows: dict[str, dict], keys, fmt: str = "{:.3g}") -> str:
     """A Markdown table, one row per name; a value given as a list of seeds shows as
-    mean ± std, a missing or NaN value as "–"."""
+    mean ± std, both rounded to the std's precision (``plus_minus``), a missing or NaN value
+    as "–"."""
     def cell(v):
         if isinstance(v, (list, tuple)):
             v = [float(x) for x in v]
             if len(v) > 1:
-                mu = sum(v) / len(v)
-                sd = math.sqrt(sum((x - mu) ** 2 for x in v) / (len(v) - 1))
-                return f"{fmt.format(mu)} ± {fmt.format(sd)}"
+                return plus_minus(*mean_sd(v), fmt=fmt)
             v = v[0]
         if isinstance(v, float) and math.isnan(v):
             return "–"  # not measured for this row (e.g. a teacher has no training states)
@@ -147,11 +205,12 @@ def seed_mean(rows: list[dict]) -> dict:
     return {k: sum(v) / len(v) for k, v in seed_lists(rows).items()}
 
 
-def verdict(rows: dict, a: str, b: str, key: str = "mmd_x1e3", lower_is_better: bool = True
-            ) -> str:
+def verdict(rows: dict, a: str, b: str, key: str = "mmd_x1e3", lower_is_better: bool = True,
+            label: str | None = None) -> str:
     """One honest sentence comparing arm ``b`` with arm ``a`` on a metric over seeds: the
     change of the mean, in units of its standard error (from the seeds' spread). Within 1 SE:
-    no difference; 1-2 SE: suggestive; above 2 SE: clear. One seed: no error bar."""
+    no difference; 1-2 SE: suggestive; above 2 SE: clear. One seed: no error bar. ``label``
+    names the metric as the table above it does (default: ``key``)."""
     va, vb = [r[key] for r in rows[a]], [r[key] for r in rows[b]]
     ma, mb = sum(va) / len(va), sum(vb) / len(vb)
     if len(va) > 1 and len(vb) > 1:
@@ -170,8 +229,43 @@ def verdict(rows: dict, a: str, b: str, key: str = "mmd_x1e3", lower_is_better: 
         tail = f"{d / se:.1f} standard errors ({se:.3g}): suggestive, not clear"
     else:
         tail = f"{d / se:.1f} standard errors ({se:.3g}): clear"
-    return (f"{key}: {a} {ma:.3g} -> {b} {mb:.3g}, {word} by {d:.3g} "
+    return (f"{label or key}: {a} {ma:.3g} -> {b} {mb:.3g}, {word} by {d:.3g} "
             f"({len(va)} vs {len(vb)} seeds); {tail}.")
+
+
+def show_lines(lines, title: str | None = None) -> None:
+    """Display sentences (e.g. ``verdict`` lines) as a Markdown list, which the browser wraps
+    between words (printed lines wrap mid-word in JupyterLab); printed outside IPython."""
+    lines = list(lines)
+    text = (f"{title}\n\n" if title else "") + "\n".join(f"- {line}" for line in lines)
+    if not _in_ipython():
+        print(text)
+        return
+    from IPython.display import Markdown, display
+    display(Markdown(text))
+
+
+_FILLED = "ddil_lab/filled"  # metadata key of a sentence written from a run's numbers
+
+
+def fill(template: str, recorder: Recorder | None = None, name: str = "text", **values
+         ) -> None:
+    """A paragraph of the notebook's text written from the run: ``template.format(**values)``,
+    displayed as Markdown (marked as filled, with the values, in the output's metadata, so the
+    tests can check that the numbers it quotes are the run's) and returned. With a recorder
+    the numeric values are logged as ``said/<name>/<key>``. Use it for every number a
+    notebook's text quotes, instead of typing one into a markdown cell. Outside IPython the
+    text is printed. Returns None (nothing for a cell to echo)."""
+    text = template.format(**values)
+    nums = {k: float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if recorder is not None:
+        recorder.log(f"said/{name}", nums)
+    if _in_ipython():
+        from IPython.display import Markdown, display
+        display(Markdown(text), metadata={_FILLED: {"name": name, "values": nums}})
+    else:
+        print(text)
 
 
 def _control(name: str, spec, value):

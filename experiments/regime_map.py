@@ -273,8 +273,7 @@ class _Worker:
         for c, be, vs in zip(cells, bes, views):
             ref = self.refs[(std, C, c[0], n_steps)]
             cid = cell_id(u["block"], std, C, c[0], c[1], c[2], n_steps, u["budget"])
-            for v in vs:
-                e = tx.evaluate_student(v, be, ref, per_step=False)
+            for v, e in zip(vs, tx.evaluate_members(vs, be, ref, per_step=False)):
                 e.pop("hist", None)
                 rows.append({"setting": cid, "method": u["method"], "arm": u["label"],
                              "seed": v.seed, **parse_cell(cid), **e,
@@ -380,6 +379,28 @@ def _finish(out, cfg, budgets, names, rows, diag, times, t0, load0, print_md=Tru
         print(f"regime map: {elapsed:.0f} s; files in {out}")
     return {"rows": rows, "deltas": deltas, "diagnostic": diag, "spearman": corr,
             "markdown": md, "time_s": elapsed, "config": cfg, "files": files}
+
+
+def compare(old: str, new: str) -> str:
+    """The cells whose verdict differs between two runs' ``deltas.csv`` (folders ``old``,
+    ``new``), as Markdown: both ΔSW (± interval) and whether each run's point estimate lies in
+    the other's interval (the two runs agree within their noise)."""
+    import csv
+
+    def load(d):
+        with open(os.path.join(d, "deltas.csv")) as f:
+            return {(r["setting"], r["arm"], r["base"]): r for r in csv.DictReader(f)}
+    a, b = load(old), load(new)
+    rows = []
+    for key in [k for k in b if k in a and a[k]["verdict"] != b[k]["verdict"]]:
+        (ma, ca), (mb, cb) = ((float(r["sw_x1e3"]), float(r["sw_x1e3_ci"])) for r in (a[key], b[key]))
+        rows.append(f"| {key[0]} | {key[1]} vs {key[2]} | {a[key]['verdict']}: {ma:+.1f} ± {ca:.1f} "
+                    f"| {b[key]['verdict']}: {mb:+.1f} ± {cb:.1f} | "
+                    f"{'yes' if abs(ma - mb) <= max(ca, cb) else 'no'} |")
+    return "\n".join([f"{len(rows)} of {len(set(a) & set(b))} cells changed verdict "
+                      f"({old} -> {new}):", "",
+                      "| cell | arm | before: ΔSW x1e3 | after | within the wider interval |",
+                      "|---|---|---|---|---|"] + rows)
 
 
 def blocks_have(rows, arm) -> bool:
@@ -558,8 +579,14 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=None,
                    help="processes running the map's units (default: 2, or 1 on a 1-core "
                         "machine; each uses one thread)")
+    p.add_argument("--compare-to", default=None, metavar="DIR",
+                   help="run nothing: list the cells whose verdict differs between DIR's "
+                        "deltas.csv and --out's")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.compare_to is not None:
+        print(compare(a.compare_to, a.out))
+        return {}
     if a.quick and a.full:
         fail("--full", True, "--quick or --full, not both", "--quick asks for tiny settings, "
              "--full for the largest ones")

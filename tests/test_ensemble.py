@@ -154,6 +154,43 @@ def test_ensemble_trains_checkpoints_and_resumes(cells, tmp_path):
         assert torch.equal(v, full[k]), k
 
 
+def test_member_by_member_networks_route_like_vmapped_ones(cells, monkeypatch):
+    """A network class with ``ensemble_vmap = False`` (the image UNet) runs each member on its
+    slice of the same stacked tensors: same outputs and gradients as under vmap."""
+    from ddil_lab.toy.backend import MLP
+
+    x, t, c = _batch(30)
+    m = torch.tensor([0, 1, 3] * 10)
+    outs, grads = [], []
+    for flag in (True, False):
+        monkeypatch.setattr(MLP, "ensemble_vmap", flag, raising=False)
+        ens = _view(cells).make_student()
+        out = ens(x, t, {"m": m, "c": c})
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append(getattr(ens.groups[1], "out/weight").grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_members_are_evaluated_in_one_batch_as_one_by_one(cells):
+    """Batched evaluation (one sampling call for all members, the teacher's side of MMD and SW
+    cached) gives each member the metrics it gets alone (PD samples deterministically)."""
+    from ddil_lab import toy as tx
+
+    views = train.train_cells(cells, "pd", "baseline", seeds=(0, 1), steps=2, batch_size=16)
+    ref = tx.make_reference(cells[1], 120, 4)
+    flat = [v for vs in views for v in vs]
+    batched = tx.evaluate_members(views[1], cells[1], ref, per_step=False)
+    for v, b in zip(views[1], batched):
+        alone = tx.evaluate_student(v, cells[1], tx.make_reference(cells[1], 120, 4),
+                                    per_step=False)
+        for k in ("sw_x1e3", "mmd_x1e3", "nll", "off_mode"):
+            assert abs(b[k] - alone[k]) <= 1e-4 * max(1.0, abs(alone[k])), (k, b[k], alone[k])
+    assert ref.cache["mmd"] and ref.cache["sw"]  # the teacher's side was kept
+    assert len(flat) == 4
+
+
 def test_seed_ensemble_is_the_only_ensemble_path():
     assert set(vars(SeedEnsemble)) >= {"forward", "member"}
     assert not hasattr(SeedEnsemble, "members")  # no list of per-member modules beside it

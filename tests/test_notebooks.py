@@ -5,6 +5,10 @@
   form;
 - each teaching notebook runs headless under papermill with tiny parameters (the four run
   side by side in subprocesses) and records its figures and finite metrics in ``out_dir``;
+- in the executed notebooks, progress-bar labels are distinct within a cell, and every number
+  the text quotes comes from the run: markdown cells quote no measured numbers, and the
+  paragraphs written from the run (``nb.fill``) quote exactly the values the run logged;
+- run folders resolve against the repository root wherever a notebook runs;
 - the helpers the notebooks call behave (oracles where there are any).
 """
 import glob
@@ -25,7 +29,7 @@ NB_DIR = os.path.join(ROOT, "notebooks")
 TINY = {
     "01_covariate_shift": {"steps": 3, "batch_size": 32, "seeds": [0, 1], "n_eval": 200,
                            "init_steps": 30, "substeps": 2},
-    "02_mode_loss": {"steps": 3, "batch_size": 32, "seeds": [0], "n_eval": 200,
+    "02_mode_loss": {"steps": 3, "batch_size": 32, "seeds": [0, 1], "n_eval": 200,
                      "init_steps": 30, "pd_substeps": 2, "critic_steps": 1, "fine_steps": 8},
     "03_ddil_methods": {"table_overrides": {}, "steps": 6, "batch_size": 32,
                         "snapshot_every": 2, "n_snapshot": 200, "init_steps": 30,
@@ -192,6 +196,165 @@ def test_notebook_runs_headless_and_records(executed, name):
         f"{name}: opens with what you will see, ends with what to read / what to try"
 
 
+def _bar_labels(nb: dict) -> dict[int, list[str]]:
+    """cell index -> the labels of the tqdm widget bars it shows: each bar is an HBox whose
+    first child is the HTML label (``tqdm.notebook``), found through the cell's widget views
+    in the saved widget state."""
+    state = nb["metadata"].get("widgets", {}).get(
+        "application/vnd.jupyter.widget-state+json", {}).get("state", {})
+
+    def model(ref):
+        return state.get(ref.removeprefix("IPY_MODEL_"), {})
+    out = {}
+    for i, c in enumerate(nb["cells"]):
+        for o in c.get("outputs", []):
+            view = o.get("data", {}).get("application/vnd.jupyter.widget-view+json")
+            if not view:
+                continue
+            box = state.get(view["model_id"], {})
+            kids = box.get("state", {}).get("children", [])
+            if box.get("model_name") == "HBoxModel" and len(kids) == 3 and \
+                    model(kids[1]).get("model_name") == "FloatProgressModel":
+                out.setdefault(i, []).append(model(kids[0]).get("state", {}).get("value", ""))
+    return out
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_progress_bar_labels_are_distinct_within_a_cell(executed, name):
+    out_dir, out_nb, rc, log = executed[name]
+    assert rc == 0, f"{name} failed under papermill:\n{log}"
+    with open(out_nb) as f:
+        nb = json.load(f)
+    labels = _bar_labels(nb)
+    assert labels, f"{name}: no tqdm widget bars found"
+    for cell, names in labels.items():
+        labels_ = [n.strip().rstrip(":") for n in names]
+        assert all(labels_), f"{name} cell {cell}: a bar without a label: {names}"
+        assert len(set(labels_)) == len(labels_), f"{name} cell {cell}: repeated labels {names}"
+
+
+# Numbers a markdown cell may quote: settings and definitions, not measurements. Anything that
+# looks measured (a decimal, a percentage, a duration) must be written by the run (``nb.fill``).
+MEASURED = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.])|\d\s?%|\d\s?(?:minutes?|seconds?|hours?|s)\b")
+
+
+def _typed_numbers(text: str) -> list[str]:
+    text = re.sub(r"`[^`]*`", "", text)  # code: parameter values and names
+    text = re.sub(r"\$[^$]*\$", "", text)  # maths
+    text = re.sub(r"Sec\. [\d.–-]+", "", text)  # the paper's sections
+    return MEASURED.findall(text)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_text_quotes_only_numbers_from_the_run(executed, name):
+    """The numbers a notebook's text quotes come from the run: its markdown cells hold no
+    measured-looking numbers (decimals, percentages, ±), and each paragraph written from the
+    run (``nb.fill``, marked in the output's metadata) quotes values the run logged in
+    ``metrics.json`` (``said/<name>/...``), each number of its text matching one of them."""
+    out_dir, out_nb, rc, log = executed[name]
+    assert rc == 0, f"{name} failed under papermill:\n{log}"
+    with open(out_nb) as f:
+        nb = json.load(f)
+    typed = {i: _typed_numbers("".join(c["source"])) for i, c in enumerate(nb["cells"])
+             if c["cell_type"] == "markdown"}
+    typed = {i: v for i, v in typed.items() if v}
+    assert not typed, f"{name}: markdown cells quote numbers typed in, not from the run: {typed}"
+    with open(out_dir / "metrics.json") as f:
+        metrics = json.load(f)["metrics"]
+    from ddil_lab.notebook import _FILLED
+    for c in nb["cells"]:
+        for o in c.get("outputs", []):
+            meta = o.get("metadata", {}).get(_FILLED)
+            if not meta:
+                continue
+            logged = {k.split("/")[-1]: v for k, v in metrics.items()
+                      if k.startswith(f"said/{meta['name']}/")}
+            assert logged == pytest.approx(meta["values"], nan_ok=True), meta["name"]
+            text = "".join(o["data"]["text/markdown"])
+            text = re.sub(r"`[^`]*`", "", text)  # names in code: `dmd2 backward`
+            for num in re.findall(r"(?<![\w.=-])-?\d+(?:\.\d+)?(?![\w.-])", text):
+                if re.search(rf"(?:t = |w = |x1e){re.escape(num)}\b", text):
+                    continue  # a timestep, the guidance scale or a unit: settings
+                x = float(num)
+                digits = len(num.split(".")[1]) if "." in num else 0
+                ok = any(abs(round(v, digits) - x) <= 10 ** -digits / 2 + 1e-9
+                         for v in logged.values() if math.isfinite(v))
+                assert ok, f"{name}: {num} in {meta['name']!r} is not one of the run's values"
+
+
+def test_one_quantity_one_value_in_02(executed):
+    """Notebook 02 shows effective modes in a figure, a table and a sentence: one value (the
+    mean over seeds) in all three."""
+    out_dir, out_nb, rc, log = executed["02_mode_loss"]
+    assert rc == 0, log
+    with open(out_dir / "metrics.json") as f:
+        m = json.load(f)["metrics"]
+    last = max(int(k.rsplit("/", 1)[1]) for k in m if k.startswith("effective_modes/teacher/"))
+    names = {k.split("/")[1] for k in m if k.startswith("effective_modes/")}
+    for name in names:  # figure (summary) == table (mean of per-seed values)
+        assert m[f"effective_modes/{name}/{last}"] == pytest.approx(
+            m[f"mode_loss/{name}/eff. modes, samples"]), name
+    assert m["said/findings/dmd2_eff"] == pytest.approx(m[f"effective_modes/dmd2 backward/{last}"])
+    assert m["said/findings/teacher_eff"] == pytest.approx(m[f"effective_modes/teacher/{last}"])
+
+
+def test_teacher_x0_titles_and_the_printed_shares_agree():
+    """Notebook 04 prints the share of the teacher's x0 outside the box under the figure whose
+    titles give the same shares: the same states (same n, same noise) for both."""
+    from ddil_lab.toy import make_backend
+    from ddil_lab.toy.lessons import common, reflection
+    torch.set_num_threads(1)
+    b = make_backend("guided", guidance=9.0, init_steps=30)
+    fig = reflection.teacher_x0(b, guidance=9.0, n_steps=4, n=300)
+    traj, cond = common.teacher_trajectory(b, 4, n=300)
+    printed = [f"t = {t}: {100 * reflection.outside_support(x0):.0f}% outside"
+               for t, x0 in zip(traj.grid, reflection.teacher_x0_along(b, traj, cond))]
+    assert [ax.get_title() for ax in fig.axes] == printed
+
+
+def test_fill_writes_and_logs_the_values(tmp_path, monkeypatch):
+    from ddil_lab import notebook
+    shown = []
+    monkeypatch.setattr(notebook, "_in_ipython", lambda: True)
+    monkeypatch.setattr("IPython.display.display",
+                        lambda obj, metadata=None: shown.append((obj.data, metadata)))
+    rec = notebook.Recorder(str(tmp_path))
+    assert notebook.fill("{a:.1f} modes, {b:.0f}%", rec, "x", a=4.567, b=12.4) is None
+    assert rec.metrics == {"said/x/a": 4.567, "said/x/b": 12.4}
+    assert shown == [("4.6 modes, 12%", {notebook._FILLED: {"name": "x",
+                                                            "values": {"a": 4.567, "b": 12.4}}})]
+    assert _typed_numbers("w = 9, `lr=1e-3`, $10^{-3}$, t = 749, Sec. 3.1–3.2, 4 steps") == []
+    assert _typed_numbers("took 3 minutes, 35% of them, 4.10 ± 0.70") == ["3 minutes", "5%",
+                                                                           "4.10", "0.70"]
+
+
+def test_run_folders_resolve_against_the_repository_root(tmp_path, monkeypatch):
+    """JupyterLab runs a notebook in ``notebooks/``, papermill where it is started: a relative
+    ``out_dir`` (and 05's ``teacher_dir``) lands in the root's ``runs/`` either way."""
+    from ddil_lab import notebook
+    assert notebook.repo_root() == ROOT
+    for cwd in (ROOT, NB_DIR, str(tmp_path)):
+        monkeypatch.chdir(cwd)
+        assert notebook.repo_path("runs/x") == os.path.join(ROOT, "runs", "x")
+    assert notebook.repo_path(str(tmp_path)) == str(tmp_path) and notebook.repo_path("") == ""
+    monkeypatch.chdir(NB_DIR)
+    rec = notebook.Recorder("runs/test_notebooks_resolve")
+    try:
+        assert rec.out_dir == os.path.join(ROOT, "runs", "test_notebooks_resolve")
+        assert not os.path.exists(os.path.join(NB_DIR, "runs", "test_notebooks_resolve"))
+    finally:
+        os.rmdir(rec.out_dir)
+
+
+def test_plus_minus_rounds_to_the_spread():
+    from ddil_lab.notebook import markdown_table, plus_minus
+    assert plus_minus(0.0235, 0.000707) == "0.02350 ± 0.00071"
+    assert plus_minus(1216.2, 97.56) == "1216 ± 98"
+    assert plus_minus(4.1, 0.7) == "4.10 ± 0.70"
+    assert plus_minus(2.0, 0.0) == "2 ± 0"
+    assert "| a | 1.00 ± 0.10 |" in markdown_table({"a": {"m": [1.0, 1.1, 0.9]}}, ["m"])
+
+
 # ---------------------------------------------------------------- the library behind them
 
 @pytest.fixture(scope="module")
@@ -237,6 +400,12 @@ def test_snapshots_watch_without_disturbing_training(ring):
     only_student = sources.preview_sources(watched, 0, 0, 1, 0, n=20)
     assert (only_student.source == SOURCES.index("student")).all()
     assert set(only_student.t.tolist()) == set(watched.method.grid.tolist())
+    # the snapshot fits a laptop window under its slider; the preview keeps sources apart
+    grid = watched.method.grid.tolist()
+    for fig in (sources.snapshot_by_source(snap, ring, grid),
+                sources.source_preview(watched, ring, n=40)):
+        assert fig.get_size_inches()[1] * 90 <= 600, "taller than a laptop window"
+        assert len(fig.axes) == len(SOURCES) * len(grid)  # one row per source
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -390,7 +559,7 @@ def test_recorder_and_verdict(tmp_path):
     assert "clear" in notebook.verdict(rows, "x", "y", "m")
     assert "no difference" in notebook.verdict(rows, "x", "z", "m")
     assert "one seed" in notebook.verdict(rows, "one", "x", "m")
-    assert "| x | 1 ± 0.1 |" in notebook.markdown_table({"x": {"m": [1.0, 1.1, 0.9]}}, ["m"])
+    assert "| x | 1.00 ± 0.10 |" in notebook.markdown_table({"x": {"m": [1.0, 1.1, 0.9]}}, ["m"])
     assert "| t | – | 2 |" in notebook.markdown_table({"t": {"m": [float("nan")], "n": 2}},
                                                       ["m", "n"])
 
@@ -430,3 +599,5 @@ def test_compact_toy_table_and_verdicts():
                              "off-mode %": [0.5, 0.6]}}
     (line,) = sources.table_verdicts(rows, "s")
     assert line.startswith("mmd_x1e3: pd baseline 11 -> pd ddil 5.5, better")
+    (line,) = sources.table_verdicts(rows, "s", label="MMD² x1e3")
+    assert line.startswith("MMD² x1e3: pd baseline 11")

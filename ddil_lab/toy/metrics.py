@@ -61,18 +61,22 @@ def mode_stats(x: torch.Tensor, gmm, off_mode_sigma: float = 4.0, min_count: int
     return out
 
 
-def per_class(fn, a: torch.Tensor, b: torch.Tensor, label_a=None, label_b=None) -> float:
+def per_class(fn, a: torch.Tensor, b: torch.Tensor, label_a=None, label_b=None,
+              cache: dict | None = None) -> float:
     """``fn(a, b)`` (e.g. MMD or sliced W1) class by class, averaged over the classes of
     ``label_a`` with equal weight (each class against its own reference samples); pooled when
-    there are no labels."""
+    there are no labels. ``cache`` (a dict kept with the reference set ``b``): passed on to
+    ``fn`` as ``cache=``, one sub-dict per class, so b's side is computed once."""
+    def call(x, y, key):
+        return fn(x, y) if cache is None else fn(x, y, cache=cache.setdefault(key, {}))
     if label_a is None:
-        return fn(a, b)
+        return call(a, b, None)
     vals = []
     for c in torch.unique(label_a):
         ia, ib = label_a == c, label_b == c
         if ia.sum() < 2 or ib.sum() < 2:
             raise ValueError(f"class {int(c)} has fewer than 2 samples in one of the sets")
-        vals.append(fn(a[ia], b[ib]))
+        vals.append(call(a[ia], b[ib], int(c)))
     return sum(vals) / len(vals)
 
 

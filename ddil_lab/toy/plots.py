@@ -116,10 +116,11 @@ def step_curves(ax, grid, curves: dict, ylabel: str = "", title: str | None = No
     return ax
 
 
-def mode_histogram(ax, hists: dict, weights=None, title: str | None = None):
+def mode_histogram(ax, hists: dict, weights=None, title: str | None = None, colors=None):
     """Grouped bars of mode frequencies: ``hists`` maps a name to (n_seeds, K) or (K,)
     frequencies (bar = mean, error bar = std over seeds); ``weights`` (K,) draws the target
-    histogram (true weights or the teacher's) as black ticks."""
+    histogram (true weights or the teacher's) as black ticks; ``colors``: one per name
+    (default C0, C1, ...)."""
     import numpy as np
 
     names = list(hists)
@@ -129,7 +130,8 @@ def mode_histogram(ax, hists: dict, weights=None, title: str | None = None):
         K = h.shape[1]
         x = np.arange(K) - 0.4 + width * (i + 0.5)
         sd = h.std(0, ddof=1) if len(h) > 1 else None
-        ax.bar(x, h.mean(0), width, yerr=sd, color=f"C{i}", label=name, capsize=1.5)
+        ax.bar(x, h.mean(0), width, yerr=sd, color=colors[i] if colors else f"C{i}", label=name,
+               capsize=1.5)
     if weights is not None:
         w = _np(weights)
         ax.scatter(np.arange(len(w)), w, marker="_", s=200, color="k", zorder=3, label="target")

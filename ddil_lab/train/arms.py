@@ -143,7 +143,7 @@ def make_arm(method: str, arm: str, n_steps: int = 4, method_kw: dict | None = N
 def train_arm(backend: Backend, method: str, arm: str, seeds=(0, 1, 2), steps: int = 300,
               batch_size: int = 256, lr: float = 1e-3, n_steps: int = 4, ensemble: bool = True,
               method_kw: dict | None = None, sampler_kw: dict | None = None,
-              grad_clip: float | None = None, progress: bool = False,
+              grad_clip: float | None = None, progress: bool = False, desc: str | None = None,
               **distill_kw) -> list[MemberView]:
     """Train one arm for every seed and return one ``MemberView`` per seed.
 
@@ -158,7 +158,9 @@ def train_arm(backend: Backend, method: str, arm: str, seeds=(0, 1, 2), steps: i
     ``grad_clip`` is off by default: clipping the joint gradient norm would couple the members,
     while without it each member's AdamW update is the one it would get alone (Adam does not
     see the 1/M scale of the ensemble's mean loss). Other keywords (``lr_schedule``,
-    ``warmup``, ...) go to ``distill``; ``Budget.train_kw()`` gives the shared ones.
+    ``warmup``, ...) go to ``distill``; ``Budget.train_kw()`` gives the shared ones. ``desc``
+    labels the progress bar (with ``ensemble=False`` and several seeds, each run's label adds
+    its seed); None: ``distill``'s default.
     """
     seeds = list(seeds)
     if not seeds:
@@ -166,8 +168,10 @@ def train_arm(backend: Backend, method: str, arm: str, seeds=(0, 1, 2), steps: i
     groups = [seeds] if ensemble else [[s] for s in seeds]
     views = []
     for group in groups:
+        label = f"{desc} seed {group[0]}" if desc is not None and len(groups) > 1 else desc
         views += train_cells([backend], method, arm, group, steps, batch_size, lr, n_steps,
-                             method_kw, sampler_kw, grad_clip, progress, **distill_kw)[0]
+                             method_kw, sampler_kw, grad_clip, progress, desc=label,
+                             **distill_kw)[0]
     return views
 
 
@@ -175,13 +179,14 @@ def train_cells(backends: list, method: str, arm: str, seeds=(0, 1, 2), steps: i
                 batch_size: int = 256, lr: float = 1e-3, n_steps: int = 4,
                 method_kw: dict | None = None, sampler_kw: dict | None = None,
                 grad_clip: float | None = None, progress: bool = False,
-                **distill_kw) -> list[list[MemberView]]:
+                desc: str | None = None, **distill_kw) -> list[list[MemberView]]:
     """Train one arm for every (cell, seed) in one ``distill`` call and return, per cell, one
     ``MemberView`` per seed. ``backends`` are the cells: they must share their data (the first
     one's ``sample_data`` feeds every member) and may differ in the teacher (e.g. its guidance
     scale: guided teachers around one conditional denoiser share its calls) and in the student
     they make (width, initialisation, parameterisation). Members are ordered cell-major; member
-    (i, s) is built under seed s, so cell i's seed s is paired across arms. See ``train_arm``."""
+    (i, s) is built under seed s, so cell i's seed s is paired across arms. ``desc``: the
+    progress bar's label (None: ``distill``'s default). See ``train_arm``."""
     seeds, backends = list(seeds), list(backends)
     if not seeds or not backends:
         raise ValueError("train_cells needs at least one backend and one seed")
@@ -194,7 +199,8 @@ def train_cells(backends: list, method: str, arm: str, seeds=(0, 1, 2), steps: i
                            bases=[b for b in backends for _ in seeds])
     wall, cpu = time.perf_counter(), time.process_time()
     res = distill(view, m, sampler, steps=steps, batch_size=batch_size * M, lr=lr,
-                  grad_clip=grad_clip, seed=seeds[0], progress=progress, **distill_kw)
+                  grad_clip=grad_clip, seed=seeds[0], progress=progress, desc=desc,
+                  **distill_kw)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     per = steps * batch_size * M
     run = {"wall_s": wall, "cpu_s": cpu, "members": M, "history": res.history,

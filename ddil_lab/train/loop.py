@@ -168,7 +168,8 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
             progress: bool = True, log_every: int = 1, keep_checkpoints: int = 2,
             shard_optimizer: bool = False, accelerator=None,
             optimizer_class=None, shared_plan: bool | None = None,
-            max_consecutive_skips: int = 5, max_skips: int | None = None) -> DistillResult:
+            max_consecutive_skips: int = 5, max_skips: int | None = None,
+            desc: str | None = None) -> DistillResult:
     """Distil ``backend.teacher`` into a student with ``method``, on states from ``sampler``.
 
     Every argument is checked before any work starts (``ConfigError``, a ``ValueError``, naming
@@ -210,6 +211,7 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
     :param shared_plan: draw each batch's structure (states per source, rollout grid, mixed-step
         choices) from a stream shared by all processes (seeded by seed and step) instead of each
         process's own. None: only under FSDP, which needs it.
+    :param desc: the progress bar's label (None: the method's name, ``+ddil`` with rollouts).
 
     ``history`` counts network evaluations (per state; a guided teacher call counts once):
     ``nfe/teacher`` and ``nfe/student`` in the sampler's rollouts, ``nfe/teacher_target`` in
@@ -355,7 +357,8 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
         result.last_checkpoint = os.path.join(out_dir, f"step_{step:07d}")
 
     log = _open_log(out_dir, result.history, start > 0) if (out_dir and procs.is_main) else None
-    bar = tqdm(range(start, steps), desc=f"{method.name}{'+ddil' if sampler.is_ddil else ''}",
+    desc = desc if desc is not None else f"{method.name}{'+ddil' if sampler.is_ddil else ''}"
+    bar = tqdm(range(start, steps), desc=desc,
                disable=not (progress and procs.is_main), initial=start, total=steps)
     t0 = time.time()
     stop = StopSignals(checkpointing)  # SIGINT / SIGTERM: checkpoint this step, then stop

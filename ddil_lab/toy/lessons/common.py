@@ -97,7 +97,8 @@ def train_students(backend, method: str, arms=("baseline", "ddil"), seeds=(0,), 
     """Train several arms of one method, the seeds of each as one ensemble (the toy table's
     ``train_arm``): ``arm name -> [one MemberView per seed]``. Arms are names in
     ``ARM_RECIPES``, or a dict ``label -> (toy table arm, sampler_kw)``. ``progress``: one
-    progress bar per arm (a widget in Jupyter, through ``tqdm.auto``)."""
+    progress bar per arm (a widget in Jupyter, through ``tqdm.auto``), labelled with the
+    method, the arm's name and the seeds (``bar_label``)."""
     if not isinstance(arms, dict):
         unknown = [a for a in arms if a not in ARM_RECIPES]
         if unknown:
@@ -108,8 +109,16 @@ def train_students(backend, method: str, arms=("baseline", "ddil"), seeds=(0,), 
         out[label] = train_arm(backend, method, arm, seeds=tuple(seeds), steps=steps,
                                batch_size=batch_size, lr=lr, n_steps=n_steps,
                                method_kw=method_kw, sampler_kw={**(sampler_kw or {}), **skw},
-                               progress=progress, **distill_kw)
+                               progress=progress, desc=bar_label(method, label, seeds),
+                               **distill_kw)
     return out
+
+
+def bar_label(method: str, arm: str, seeds) -> str:
+    """A progress bar's label: the method, the arm as the notebook names it and the seeds,
+    e.g. ``dmd2 backward, seeds 0,1`` (one bar per arm, so labels within a cell differ)."""
+    seeds = list(seeds)
+    return f"{method} {arm}, seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
 
 
 def train_methods(backend, plan: dict, method_kw: dict | None = None,

@@ -66,11 +66,28 @@ def mode_summary(hist: torch.Tensor, ref: torch.Tensor | None = None,
             "tv": (0.5 * (p - ref[None]).abs().sum(1)).tolist()}
 
 
+def seed_summary(summaries: list[dict]) -> dict[str, list[float]]:
+    """Per-seed ``mode_summary`` dicts -> per step, the mean over seeds of each key and, as
+    ``<key>_sd``, the seeds' std (0 for one seed)."""
+    out = {}
+    for key in summaries[0]:
+        v = torch.tensor([s[key] for s in summaries], dtype=torch.float64)  # (seeds, steps)
+        out[key] = v.mean(0).tolist()
+        out[f"{key}_sd"] = (v.std(0) if len(v) > 1 else torch.zeros(v.shape[1])).tolist()
+    return out
+
+
+def policy_colors(names) -> dict[str, str]:
+    """One colour per policy, the same in every figure of a study (teacher rows first)."""
+    return {name: f"C{i}" for i, name in enumerate(names)}
+
+
 @dataclass
 class ModeStudy:
     """Notebook 02's results: ``hists[name]`` (mean over seeds) and ``per_seed[name]`` (list) of
-    ``reachable_modes``; ``summary[name]`` the ``mode_summary`` of the mean histogram, against
-    the teacher's samples; ``trajs[name]`` seed 0's trajectory (labels ``cond``); ``rows[name]``
+    ``reachable_modes``; ``summary[name]`` the mean over seeds of each seed's ``mode_summary``
+    against the teacher's samples (``<key>_sd``: the seeds' std), the one value the figures,
+    the table and the text all show; ``trajs[name]`` seed 0's trajectory (labels ``cond``); ``rows[name]``
     per-seed sample metrics (``trajectory_metrics``) and mode-loss summaries."""
     backend: object
     grid: list
@@ -106,7 +123,7 @@ def mode_study(backend, students: dict[str, list[MemberView]], n_eval: int = 200
         study.hists[name] = torch.stack(hs).mean(0)
         if teacher_ref is None:
             teacher_ref = study.hists[name][-1]
-        study.summary[name] = mode_summary(study.hists[name], teacher_ref)
+        study.summary[name] = seed_summary([mode_summary(h, teacher_ref) for h in hs])
         study.trajs[name] = trajs[0]
         study.rows[name] = [trajectory_metrics(tr, backend, ref, n_ref=min(20000, 4 * n_eval))
                             for tr in trajs]
@@ -192,18 +209,22 @@ def reach_map(study, name: str, step: int = 1, n_show: int = 1500, size: float =
 
 def effective_modes(study, names=None, size=(3.6, 2.8)) -> Figure:
     """Per step: the effective number of reachable modes (exp entropy) and the total variation
-    between the reachable-mode histogram and the teacher's samples, one line per policy (the
-    legend sits beside the panels, off the lines)."""
+    between the reachable-mode histogram and the teacher's samples, one line per policy (mean
+    and std over seeds, the values of ``mode_loss_rows``; the legend sits beside the panels,
+    off the lines; each policy keeps its colour in ``final_mode_bars``)."""
     names = names or list(study.summary)
+    colors = policy_colors(study.summary)
     fig = Figure(figsize=(size[0] * 2 + 1.8, size[1]), layout="constrained")
     axs = fig.subplots(1, 2)
     x = list(range(len(study.grid) + 1))
-    for i, name in enumerate(names):
+    for name in names:
         s = study.summary[name]
         style = "--" if name.startswith("teacher") else "-"
-        axs[0].plot(x, s["effective_modes"], style, marker="o", ms=3, color=f"C{i}", label=name)
-        axs[1].plot(x, s["tv"], style, marker="o", ms=3, color=f"C{i}", label=name)
-    titles = ("effective reachable modes", "distance to the teacher's mode weights")
+        for ax, key in zip(axs, ("effective_modes", "tv")):
+            ax.errorbar(x, s[key], yerr=s[f"{key}_sd"], fmt=style, marker="o", ms=3,
+                        capsize=2, color=colors[name], label=name)
+    titles = ("effective reachable modes (mean ± std over seeds)",
+              "distance to the teacher's mode weights")
     for ax, title, ylabel in zip(axs, titles, ("exp(entropy), modes", "total variation")):
         ax.set_xticks(x)
         ax.set_xticklabels(step_labels(study.grid), fontsize=7)
@@ -223,8 +244,10 @@ def final_mode_bars(study, names=None, size=(7.5, 2.6)) -> Figure:
     fig = Figure(figsize=size)
     ax = fig.subplots()
     hists = {n: torch.stack([h[-1, :-1] for h in study.per_seed[n]]) for n in names}
+    colors = policy_colors(study.summary)  # the colours of the effective-modes figure
     mode_histogram(ax, hists, weights=study.hists["teacher"][-1, :-1],
-                   title="where the samples land (black: the 32-step teacher)")
+                   title="where the samples land (black: the 32-step teacher)",
+                   colors=[colors[n] for n in names])
     ax.set_ylabel("fraction of samples")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -255,3 +278,52 @@ def mode_loss_rows(study, names=None) -> dict[str, dict[str, list[float]]]:
             rows["small-mode share %"].append(100 * float(h[-1, small].sum()))
         out[name] = rows
     return out
+
+
+def findings(study, loss_rows: dict, dmd2: str = "dmd2 backward", ddil: str = "dmd2 ddil"
+             ) -> tuple[str, dict]:
+    """What notebook 02's run shows, as a Markdown template and the values that fill it (for
+    ``notebook.fill``): per step, the effective reachable modes of ``dmd2`` and the teacher
+    (the figure's values: means over seeds), the small-mode share and off-mode share of the
+    samples (the table's), and the same for ``ddil`` and the other students. Policies missing
+    from the study are left out."""
+    def mean(v):
+        return sum(v) / len(v)
+    s, grid = study.summary, study.grid
+    small = "small-mode share %"
+    vals: dict = {"teacher_eff": s["teacher"]["effective_modes"][-1],
+                  "teacher_small": mean(loss_rows["teacher"][small])}
+    lines = []
+    if dmd2 in s:
+        e = s[dmd2]["effective_modes"]
+        steps = ", ".join(f"{{dmd2_e{i}:.1f}}" for i in range(1, len(grid)))
+        at = ", ".join(f"t = {t}" for t in grid[1:])
+        vals.update({f"dmd2_e{i}": e[i] for i in range(1, len(grid))})
+        vals.update(dmd2_eff=e[-1], dmd2_small=mean(loss_rows[dmd2][small]),
+                    dmd2_off=100 * s[dmd2]["off_mode"][-1])
+        lines.append(f"- **{dmd2}**: {steps} effective reachable modes at {at}, then "
+                     "{dmd2_eff:.1f} in its samples (the 32-step teacher: {teacher_eff:.1f}); "
+                     "{dmd2_small:.0f}% of its samples in the small modes (teacher: "
+                     "{teacher_small:.0f}%), {dmd2_off:.0f}% off every mode.")
+    if ddil in s:
+        vals.update(ddil_eff=s[ddil]["effective_modes"][-1],
+                    ddil_small=mean(loss_rows[ddil][small]),
+                    ddil_off=100 * s[ddil]["off_mode"][-1])
+        lines.append(f"- **{ddil}**: " + "{ddil_eff:.1f} effective modes in its samples, "
+                     "{ddil_small:.0f}% in the small modes, {ddil_off:.0f}% off every mode.")
+    others = [n for n in s if not n.startswith(("teacher", "dmd2"))]
+    if others:
+        parts = []
+        for i, n in enumerate(others):
+            vals[f"o{i}_eff"] = s[n]["effective_modes"][-1]
+            vals[f"o{i}_small"] = mean(loss_rows[n][small])
+            parts.append(f"{n} {{o{i}_eff:.1f}} ({{o{i}_small:.0f}}%)")
+        lines.append("- the other students, effective modes in their samples (small-mode "
+                     "share): " + ", ".join(parts) + ".")
+    ddim = next((n for n in s if n.startswith("teacher DDIM")), None)
+    if ddim:
+        vals.update(ddim_eff=s[ddim]["effective_modes"][-1],
+                    ddim_small=mean(loss_rows[ddim][small]))
+        lines.append(f"- {ddim} (the untrained student): " + "{ddim_eff:.1f} effective modes "
+                     "in its samples, {ddim_small:.0f}% in the small modes.")
+    return "**What this run shows** (means over seeds):\n\n" + "\n".join(lines), vals

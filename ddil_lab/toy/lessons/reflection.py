@@ -14,7 +14,7 @@ from ...sampling import Trajectory
 from ...train.arms import EnsembleBackend, MemberView, train_arm
 from ..experiments import Reference, make_reference
 from ..plots import scatter2d
-from .common import guided_teacher, member_cond, teacher_trajectory
+from .common import bar_label, guided_teacher, member_cond, teacher_trajectory
 
 
 def outside_support(x0: torch.Tensor, lo: float = -1.0, hi: float = 1.0, tol: float = 1e-4
@@ -135,7 +135,8 @@ def stability_runs(backend, method: str = "dmd2", arms=("baseline", "reflected")
     *unthresholded* x0 estimates, along
     its own trajectories, that lie off the support (a reflected student only ever shows the
     clamped ones). Non-finite updates are skipped and counted (``on_nonfinite="skip"``), so
-    an unstable run shows instead of stopping. ``progress``: one bar per run."""
+    an unstable run shows instead of stopping. ``progress``: one bar per run, labelled with
+    the method, arm and seed."""
     ref = make_reference(backend, n=n_eval, n_steps=n_steps)
     out = {}
     for arm in arms:
@@ -145,7 +146,8 @@ def stability_runs(backend, method: str = "dmd2", arms=("baseline", "reflected")
             view = train_arm(backend, method, arm, seeds=(s,), steps=steps,
                              batch_size=batch_size, lr=lr, n_steps=n_steps,
                              method_kw=method_kw, callbacks=(tracker,), eval_every=eval_every,
-                             on_nonfinite=on_nonfinite, progress=progress)[0]
+                             on_nonfinite=on_nonfinite, progress=progress,
+                             desc=bar_label(method, arm, (s,)))[0]
             hist = view.run["history"]
             losses = [h["loss/student"] for h in hist if "loss/student" in h]
             runs.append({"seed": s, "history": hist, "eval_steps": tracker.steps,
@@ -190,7 +192,7 @@ def teacher_x0(backend, guidance: float = 6.0, thresholding: bool = True, n_step
     traj, cond = teacher_trajectory(backend, n_steps, guidance if backend.conditional
                                           else None, n=n)
     teacher = guided_teacher(backend, guidance) if backend.conditional else backend.teacher
-    fig = Figure(figsize=(size * len(traj.grid), size + 0.5))
+    fig = Figure(figsize=(size * len(traj.grid), size + 0.9), layout="constrained")
     axs = fig.subplots(1, len(traj.grid), squeeze=False)[0]
     lim = 0.0
     raws = []
@@ -206,29 +208,31 @@ def teacher_x0(backend, guidance: float = 6.0, thresholding: bool = True, n_step
                       lim=lim, label="thresholded")
         _box(ax)
         ax.set_title(f"t = {t}: {100 * outside_support(raw):.0f}% outside", fontsize=9)
-    axs[0].legend(fontsize=7, loc="lower left", markerscale=3)
-    fig.suptitle(f"teacher x0 estimates along its trajectory (w={guidance:g}); dashed: support",
-                 fontsize=10)
-    fig.tight_layout()
+    handles, labels = axs[0].get_legend_handles_labels()  # below the panels, off the data
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8, markerscale=3,
+               frameon=False)
+    fig.suptitle(f"teacher x0 estimates along its trajectory (w={guidance:g}, {n} states); "
+                 f"dashed: support", fontsize=10)
     return fig
 
 
 def target_scatter(report: dict, size: float = 2.6, n_max: int = 1500) -> Figure:
     """Each method's regression targets on teacher-trajectory states, without (red) and with
-    (blue) reflected distillation, with the fraction outside the support in the legend."""
+    (blue) reflected distillation, with the fraction outside the support in the titles."""
     names = list(report)
-    fig = Figure(figsize=(size * len(names), size + 0.4))
+    fig = Figure(figsize=(size * len(names), size + 0.9), layout="constrained")
     axs = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axs, names):
         plain, refl = report[name]["plain"], report[name]["reflected"]
         lim = max(1.3, 1.1 * float(plain["targets"].abs().quantile(0.99)))
         for d, color, lab in ((plain, "C3", "plain"), (refl, "C0", "reflected")):
-            scatter2d(d["targets"][:n_max], ax, color=color, s=2, alpha=0.4, lim=lim,
-                      label=f"{lab}: {100 * d['outside']:.0f}% out")
+            scatter2d(d["targets"][:n_max], ax, color=color, s=2, alpha=0.4, lim=lim, label=lab)
         _box(ax)
-        ax.set_title(f"{name} targets", fontsize=9)
-        ax.legend(fontsize=6, loc="lower left", markerscale=3)
-    fig.tight_layout()
+        ax.set_title(f"{name} targets\noutside: plain {100 * plain['outside']:.0f}%, "
+                     f"reflected {100 * refl['outside']:.0f}%", fontsize=9)
+    handles, labels = axs[0].get_legend_handles_labels()  # below the panels, off the data
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8, markerscale=3,
+               frameon=False)
     return fig
 
 
@@ -259,5 +263,43 @@ def stability(runs: dict, key: str = "loss/student", quality: bool = True, size=
     axs[0, 0].set_ylabel(f"{key} (log)")
     if quality:
         axs[1, 0].set_ylabel("MMD² x1e3 to the teacher")
-    axs[0, 0].legend(fontsize=6)
+    handles, labels = axs[0, 0].get_legend_handles_labels()  # one legend, off the curves
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=7,
+               frameon=False)
     return fig
+
+
+def findings(per_seed: dict, base: str, refl: str, teacher_outside: float, guidance: float
+             ) -> tuple[str, dict]:
+    """What notebook 04's DMD2 runs show, as a Markdown template and the values that fill it
+    (for ``notebook.fill``): the final MMD of arm ``refl`` against ``base`` (means over seeds,
+    the change in standard errors, read as in ``notebook.verdict``), the share of each arm's
+    samples on the edge of the box, and ``teacher_outside``, the share of the teacher's own
+    samples outside it."""
+    import math
+
+    def stats(arm, key):
+        v = [r[key] for r in per_seed[arm]]
+        mu = sum(v) / len(v)
+        var = sum((x - mu) ** 2 for x in v) / (len(v) - 1) if len(v) > 1 else float("nan")
+        return mu, var / len(v)
+    (mb, vb), (mr, vr) = stats(base, "final_mmd"), stats(refl, "final_mmd")
+    se = math.sqrt(vb + vr)
+    z = abs(mr - mb) / se if se > 0 else float("nan")
+    word = "worse" if mr > mb else "better"
+    if math.isnan(z):
+        how = "one seed only, so no error bar"
+    elif z <= 1:
+        how = "within one standard error: no difference"
+    else:
+        how = ("{z:.1f} standard errors: " + ("clear" if z > 2 else "suggestive, not clear"))
+    values = {"w": guidance, "base_mmd": mb, "refl_mmd": mr, "z": z,
+              "base_edge": 100 * stats(base, "on_edge")[0],
+              "refl_edge": 100 * stats(refl, "on_edge")[0],
+              "teacher_out": 100 * teacher_outside}
+    text = (f"**What this run found** (means over seeds): at guidance w = {{w:g}}, the `{refl}` "
+            f"arm's final MMD² x1e3 is {{refl_mmd:.0f}} against `{base}`'s {{base_mmd:.0f}}: "
+            f"{word}, {how}. {{refl_edge:.0f}}% of the `{refl}` student's samples have a "
+            f"coordinate on the edge of the box (`{base}`: {{base_edge:.0f}}%), while "
+            f"{{teacher_out:.1f}}% of the teacher's own samples lie outside it.")
+    return text, values

@@ -92,6 +92,9 @@ class ShiftStudy:
                  ``err_fwd_t*`` / ``err_own_t*`` (step error on forward / own states)
     train_states arm -> seed 0's training states (``training_states``)
     forward      forward states of q_t(x|c) per grid step, labels ``ref.cond``
+    floor        key -> per draw, per grid step: the same measure between two independent
+                 forward draws of the same size (``gap`` etc.: sliced W1; ``shift``: excess
+                 -log q_t of forward states), i.e. what a policy on q_t shows by chance
     """
     backend: object
     ref: Reference
@@ -100,6 +103,7 @@ class ShiftStudy:
     rows: dict = field(default_factory=dict)
     train_states: dict = field(default_factory=dict)
     forward: list = field(default_factory=list)
+    floor: dict = field(default_factory=dict)
 
     @property
     def grid(self) -> list[int]:
@@ -131,6 +135,9 @@ def shift_study(backend, method: str = "pd", arms=("baseline", "ddil"), seeds=(0
     def measure(traj):
         return trajectory_metrics(traj, backend, ref, study.forward, n_ref=min(20000, 4 * n_eval))
 
+    study.floor = noise_floor(backend, ref, study.forward, n_draws=4, seed=ref_seed + 2,
+                              n_ref=min(20000, 4 * n_eval))
+
     study.trajs["teacher"] = ref.teacher2
     study.rows["teacher"] = [measure(ref.teacher2)]
     ddim = TeacherSampler(backend, ref.grid, None).sample(ref.x_T, ref.cond)
@@ -159,6 +166,23 @@ def shift_study(backend, method: str = "pd", arms=("baseline", "ddil"), seeds=(0
             for key in ("gap", "drift", "shift"):
                 row[f"{key}_sum"] = sum(row[f"{key}_t{t}"] for t in ref.grid)
     return study
+
+
+@torch.no_grad()
+def noise_floor(backend, ref: Reference, forward: list, n_draws: int = 4, seed: int = 0,
+                n_ref: int = 20000) -> dict[str, list[list[float]]]:
+    """What the per-step measures give by chance alone: ``n_draws`` fresh forward draws of
+    q_t(x|c) (labels ``ref.cond``, the size of a policy's state set) measured like a policy's
+    states: sliced W1 x1e3 to ``forward`` (the ``gap`` / ``train_gap`` / ``drift`` floor) and
+    the excess -log q_t (``shift``). Returns key -> (draws, steps) lists."""
+    g = torch.Generator().manual_seed(seed)
+    w1, sh = [], []
+    for _ in range(n_draws):
+        fresh = forward_states(backend, ref.grid, ref.cond, len(ref.x_T), g)
+        w1.append([1e3 * state_distance(x, f, ref.cond, ref.cond) for x, f in zip(fresh, forward)])
+        sh.append([covariate_shift(x, t, backend.gmm, backend.schedule, label=ref.cond,
+                                   n_ref=n_ref) for x, t in zip(fresh, ref.grid)])
+    return {"gap": w1, "train_gap": w1, "drift": w1, "shift": sh}
 
 
 def states_over_marginals(backend, trajs: dict, cond=None, label=None, train_states=None,
@@ -213,48 +237,71 @@ def shift_curves(study, keys=("gap", "train_gap", "drift", "shift"), names=None,
     """Per-step curves of a ``ShiftStudy`` (mean and +-1 std over seeds), one panel per key:
     ``gap`` distance to forward states of q_t(x|c) (what forward-only training sees),
     ``train_gap`` distance to the arm's own training states, ``drift`` distance to the
-    teacher's states, ``shift`` excess -log q_t (nats)."""
+    teacher's states, ``shift`` excess -log q_t (nats). The grey band is the noise floor
+    (``study.floor``: the same measure between independent forward draws, mean ± 2 std): a
+    curve inside it is as close as sampling noise can tell. ``gap`` and ``train_gap`` share
+    their y axis (they measure the same kind of distance, to different state sets)."""
+    import numpy as np
+
     titles = {"gap": "gap: to forward states of q_t(x|c)",
               "train_gap": "train_gap: to its own training states",
               "drift": "drift: to the teacher's states",
               "shift": "shift: excess -log q_t(x|c)"}
     units = {"shift": "nats (0 = on q_t)"}
     names = names or list(study.rows)
-    fig = Figure(figsize=(size[0] * len(keys), size[1] + 0.5), layout="constrained")
+    fig = Figure(figsize=(size[0] * len(keys), size[1] + 0.6), layout="constrained")
     axs = fig.subplots(1, len(keys), squeeze=False)[0]
     nan = [[float("nan")] * len(study.grid)]  # keeps each policy's colour in every panel
     for ax, key in zip(axs, keys):
         curves = {n: study.curve(n, key) if f"{key}_t{study.grid[0]}" in study.rows[n][0]
                   else nan for n in names}
+        if key in study.floor:
+            f = np.asarray(study.floor[key], dtype=float)  # (draws, steps)
+            mu, sd = f.mean(0), f.std(0, ddof=1) if len(f) > 1 else np.zeros(f.shape[1])
+            ax.fill_between(study.grid, mu - 2 * sd, mu + 2 * sd, color="0.6", alpha=0.35,
+                            linewidth=0, label="noise floor (±2 sd)")
         step_curves(ax, study.grid, curves, title=titles.get(key, key),
                     ylabel=units.get(key, "sliced W1 x1e3"))
         ax.title.set_fontsize(9)
+    pair = [ax for ax, key in zip(axs, keys) if key in ("gap", "train_gap")]
+    if len(pair) == 2:  # one scale for the two distances to forward / training states
+        lo = min(ax.get_ylim()[0] for ax in pair)
+        hi = max(ax.get_ylim()[1] for ax in pair)
+        for ax in pair:
+            ax.set_ylim(lo, hi)
     handles, labels = axs[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=len(names), fontsize=8,
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8,
                frameon=False)
     return fig
 
 
-def step_errors(study, size=(4.0, 2.8)) -> Figure:
+def step_errors(study, size=(6.4, 3.6)) -> Figure:
     """PD students: RMS error of one student step against the teacher's substep walk, on
-    forward states (dashed) and on the student's own inference states (solid), per step."""
+    forward states (dashed, open markers) and on the student's own inference states (solid,
+    filled), per step; colour: the arm."""
+    from matplotlib.lines import Line2D
+
     arms = [a for a in study.students if f"err_own_t{study.grid[0]}" in study.rows[a][0]]
-    fig = Figure(figsize=size)
+    fig = Figure(figsize=size, layout="constrained")
     ax = fig.subplots()
+    styles = {"err_own": ("-", "o", "full", "on its own inference states"),
+              "err_fwd": ((0, (4, 3)), "s", "none", "on forward states (where PD trains)")}
     for i, arm in enumerate(arms):
-        for key, style in (("err_own", "-"), ("err_fwd", "--")):
+        for key, (ls, marker, fill, _) in styles.items():
             v = torch.tensor(study.curve(arm, key)).mean(0)
-            where = "own states" if key == "err_own" else "forward states"
-            ax.plot(study.grid, v, style, marker="o", ms=3, color=f"C{i + 2}",
-                    label=f"{arm}, {where}")
+            ax.plot(study.grid, v, linestyle=ls, marker=marker, fillstyle=fill, ms=6, lw=2,
+                    color=f"C{i + 2}")
     ax.set_yscale("log")
     ax.set_xlim(max(study.grid) + 30, min(study.grid) - 30)
     ax.set_xlabel("student timestep t")
     ax.set_ylabel("RMS step error (data units)")
-    ax.set_title("where the student's step is wrong", fontsize=9)
+    ax.set_title("where the student's step is wrong (mean over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles = [Line2D([], [], color=f"C{i + 2}", lw=6, label=arm) for i, arm in enumerate(arms)]
+    handles += [Line2D([], [], color="k", linestyle=ls, marker=m, fillstyle=f, ms=7, lw=2,
+                       label=lab) for ls, m, f, lab in styles.values()]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False,
+               handlelength=3.5)
     return fig
 
 

@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ...rollout import SOURCES, States, StateSampler
-from ..plots import density2d, scatter2d
+from ..plots import scatter2d
 from .common import (
     PRIOR_SHORT,
     SOURCE_COLORS,
@@ -87,16 +87,17 @@ def compact_table(rows: list[dict], setting: str | None = None, keys=COMPACT
     return out
 
 
-def table_verdicts(rows: list[dict], setting: str | None = None, key: str = "mmd_x1e3"
-                   ) -> list[str]:
-    """One ``notebook.verdict`` line per method and arm against that method's baseline."""
+def table_verdicts(rows: list[dict], setting: str | None = None, key: str = "mmd_x1e3",
+                   label: str | None = None) -> list[str]:
+    """One ``notebook.verdict`` line per method and arm against that method's baseline;
+    ``label`` names the metric as the table's header does (e.g. "MMD² x1e3")."""
     from ...notebook import verdict
     setting = setting or rows[0]["setting"]
     by: dict[str, list[dict]] = {}
     for r in rows:
         if r["setting"] == setting and r["method"] != "teacher":
             by.setdefault(f"{r['method']} {r['arm']}", []).append(r)
-    return [verdict(by, f"{name.split()[0]} baseline", name, key) for name in by
+    return [verdict(by, f"{name.split()[0]} baseline", name, key, label=label) for name in by
             if not name.endswith(" baseline") and f"{name.split()[0]} baseline" in by]
 
 
@@ -159,7 +160,8 @@ def sources_run(backend, method: str = "pd", priors: dict | None = None, p_stude
                            ramp_steps=ramp_steps)
     snap = StateSnapshots(n_snapshot)
     res = distill(backend, m, sampler, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                  callbacks=(snap,), eval_every=snapshot_every, progress=progress)
+                  callbacks=(snap,), eval_every=snapshot_every, progress=progress,
+                  desc=f"{method}, all four sources, seed {seed}")
     return res, snap
 
 
@@ -191,44 +193,70 @@ def preview_sources(run, beta_frwd: float = 0.25, beta_teacher_bckwrd: float = 0
     return training_states(run, n=n, priors=pri, p_student=p_student)
 
 
-def _source_scatter(ax, states, t, lim, n_show=400, gmm=None):
-    at = states_at(states, t)
-    for i, src in enumerate(SOURCES):
-        x = at.x_t[at.source == i][:n_show]
-        if len(x):
-            scatter2d(x, ax, color=SOURCE_COLORS[src], s=3, alpha=0.6, lim=lim, label=src)
-    if gmm is not None:
-        scatter2d(torch.empty(0, 2), ax, gmm=gmm, lim=lim)
+CLASS_COLORS = ("tab:purple", "tab:olive", "tab:cyan", "tab:pink", "tab:brown", "tab:gray")
 
 
-def snapshot_by_source(snapshots, backend, grid, snapshot: int = -1, n_show: int = 400,
-                       size: float = 2.0) -> Figure:
-    """Small multiples of one snapshot of the training states (``StateSnapshots``): one row
-    per source (forward blue, teacher green, student red, mixed orange), one column per
-    student timestep, each over the grey forward marginal q_t. Sources with no states in the
-    snapshot are left empty. For a slider over ``snapshot`` (an index; -1 the last)."""
-    snaps = snapshots.snapshots if hasattr(snapshots, "snapshots") else snapshots
-    step, st, pri = snaps[int(snapshot)]
-    S = backend.schedule
-    fig = Figure(figsize=(size * len(grid) + 0.8, size * len(SOURCES) + 0.5),
-                 layout="constrained")
+def _states_by_source(fig, states, backend, grid, n_show: int, shares: bool = True):
+    """Rows: sources; columns: student timesteps. Each panel: the grey forward marginal q_t,
+    the states of that source at t (coloured by class when the states carry labels, else in
+    the source's colour) and, for a class-conditional mixture, crosses at the centres of q_t's
+    components alpha(t) mu_k in their class's colour, so a reader sees which modes the states
+    head for. Returns the axes."""
+    S, gmm = backend.schedule, backend.gmm
+    mode_labels = getattr(gmm, "labels", None)
     axs = fig.subplots(len(SOURCES), len(grid), squeeze=False)
     cache: dict = {}
     for r, src in enumerate(SOURCES):
-        frac = float((st.source == r).double().mean())
+        frac = float((states.source == r).double().mean())
         for c, t in enumerate(grid):
             ax, lim = axs[r, c], plot_limit(S, t)
             shade_density(ax, backend, t, lim, None, cache)
-            at = states_at(st, t)
-            x = at.x_t[at.source == r][:n_show]
-            scatter2d(x, ax, color=SOURCE_COLORS[src], s=3, alpha=0.6, lim=lim)
+            at = states_at(states, t)
+            keep = at.source == r
+            x = at.x_t[keep][:n_show]
+            if at.cond is None:
+                scatter2d(x, ax, color=SOURCE_COLORS[src], s=3, alpha=0.6, lim=lim)
+            else:
+                lab = torch.as_tensor(at.cond)[keep][:n_show]
+                for k in torch.unique(lab).tolist():
+                    scatter2d(x[lab == k], ax, color=CLASS_COLORS[k % len(CLASS_COLORS)], s=3,
+                              alpha=0.6, lim=lim)
+            if mode_labels is not None:  # the modes of each class, at t
+                centres = float(S.alpha(t)) * gmm.means  # (K, 2)
+                for k in torch.unique(mode_labels).tolist():
+                    m = centres[mode_labels == k]
+                    ax.scatter(m[:, 0], m[:, 1], marker="X", s=40, linewidths=0.6,
+                               edgecolors="k", color=CLASS_COLORS[k % len(CLASS_COLORS)],
+                               zorder=4)
             if r == 0:
                 ax.set_title(f"t = {t}", fontsize=9)
-        axs[r, 0].set_ylabel(f"{src}\n{100 * frac:.0f}% of states", fontsize=8,
+        axs[r, 0].set_ylabel(f"{src}\n{100 * frac:.0f}%" if shares else src, fontsize=8,
                              color=SOURCE_COLORS[src])
+    return axs
+
+
+def _colour_note(backend) -> str:
+    if getattr(backend.gmm, "labels", None) is None:
+        return "colour: source"
+    return "colour: class; X: the modes of each class at t"
+
+
+def snapshot_by_source(snapshots, backend, grid, snapshot: int = -1, n_show: int = 600,
+                       size: float = 1.4) -> Figure:
+    """Small multiples of one snapshot of the training states (``StateSnapshots``): one row
+    per source (forward, teacher, student, mixed rollouts; the row label gives its share of
+    the states), one column per student timestep, each over the grey forward marginal q_t,
+    states coloured by class with the modes of each class marked (``_states_by_source``).
+    The canvas fits a laptop window under a slider (6.2 x 6.4 in, 560 x 576 px at 90 dpi). For a slider over
+    ``snapshot`` (an index; -1 the last)."""
+    snaps = snapshots.snapshots if hasattr(snapshots, "snapshots") else snapshots
+    step, st, pri = snaps[int(snapshot)]
+    fig = Figure(figsize=(size * len(grid) + 0.6, size * len(SOURCES) + 0.8),
+                 layout="constrained")
+    _states_by_source(fig, st, backend, grid, n_show)
     short = ", ".join(f"{PRIOR_SHORT[k]} {v:.2f}" for k, v in pri.items())
-    fig.suptitle(f"training states at training step {step}, one row per source, over q_t (grey); "
-                 f"priors {short}", fontsize=9)
+    fig.suptitle(f"training states at step {step}, one row per source, over q_t (grey)\n"
+                 f"priors {short}; {_colour_note(backend)}", fontsize=8)
     return fig
 
 
@@ -268,30 +296,20 @@ def source_losses(result, window: int = 20, size=(4.0, 2.6)) -> Figure:
 
 
 def source_preview(run, backend, beta_frwd=0.25, beta_teacher_bckwrd=0.25,
-                   beta_student_bckwrd=0.25, beta_mixed=0.25, p_student=0.5, n=300,
-                   size: float = 2.3) -> Figure:
+                   beta_student_bckwrd=0.25, beta_mixed=0.25, p_student=0.5, n=1000,
+                   n_show: int = 600, size: float = 1.4) -> Figure:
     """What the StateSampler would feed a trained student (``run``: a ``DistillResult`` or a
     toy-table ``MemberView``) with these priors and mixed-rollout probability
-    (``preview_sources``): states per timestep coloured by source. For sliders."""
+    (``preview_sources``, ``n`` states per timestep): one row per source, as in
+    ``snapshot_by_source``, so the sources never overlap. For sliders."""
     st = preview_sources(run, beta_frwd, beta_teacher_bckwrd, beta_student_bckwrd,
-                               beta_mixed, p_student, n)
+                         beta_mixed, p_student, n)
     grid = run.method.grid.tolist()
-    S = backend.schedule
-    fig = Figure(figsize=(size * len(grid), size + 0.6))
-    axs = fig.subplots(1, len(grid), squeeze=False)[0]
-    for ax, t in zip(axs, grid):
-        density2d(backend.gmm, ax, t, S, lim=plot_limit(S, t))
-        _source_scatter(ax, st, t, plot_limit(S, t))
-        ax.set_title(f"t = {t}", fontsize=9)
+    fig = Figure(figsize=(size * len(grid) + 0.6, size * len(SOURCES) + 0.8),
+                 layout="constrained")
+    _states_by_source(fig, st, backend, grid, n_show)
     counts = torch.bincount(st.source, minlength=len(SOURCES)).tolist()
-    fig.suptitle("training states by source (count): " + ", ".join(
-        f"{s} {c}" for s, c in zip(SOURCES, counts)) + f"; p_student={p_student:.2f}",
-        fontsize=9)
-    _source_legend(fig, axs[0])
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.suptitle("what the sampler would draw (states per source: " + ", ".join(
+        f"{s} {c}" for s, c in zip(SOURCES, counts)) + f")\np_student={p_student:.2f}; "
+        f"{_colour_note(backend)}", fontsize=8)
     return fig
-
-
-def _source_legend(fig, ax):
-    handles = [ax.scatter([], [], color=SOURCE_COLORS[s], label=s) for s in SOURCES]
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
