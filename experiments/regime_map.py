@@ -585,6 +585,9 @@ def main(argv=None) -> dict:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.compare_to is not None:
+        for flag, d in (("--compare-to", a.compare_to), ("--out", a.out)):
+            if not os.path.isfile(os.path.join(d, "deltas.csv")):
+                fail(flag, d, "a finished map's folder (holding deltas.csv)")
         print(compare(a.compare_to, a.out))
         return {}
     if a.quick and a.full:

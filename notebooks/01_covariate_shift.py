@@ -41,8 +41,8 @@
 # class by class; "shift" is $E[-\log q_t(x\mid c)]$ over the states minus the same over
 # forward states (nats, 0 = none).
 #
-# **What you will see** (the default run took 7.7 minutes under papermill on a shared 2-core
-# CPU with a load average near 10; each training cell shows a progress bar per arm):
+# **What you will see** (a few minutes at the defaults on a 2-core CPU: `docs/notebooks.md`
+# has measured times; each training cell shows a progress bar per arm, named by arm and seeds):
 #
 # 1. the exact teacher's states over the grey forward marginals $q_t$, with sliders;
 # 2. unconditional: the PD students' states next to the states each was trained on, per-step
@@ -121,23 +121,32 @@ rec.figure("states_uncond", shift.states_over_marginals(uncond, study_u.trajs,
 # - **`gap`**: to fresh forward states of $q_t(x\mid c)$, the states forward-only training
 #   looks at. Large gap = covariate shift for a forward-only student.
 # - **`train_gap`**: to the states *this arm* was trained on at $t$ (the black dots above).
-#   For the baseline it equals its gap; DDIL's rollouts should bring it down.
+#   For the baseline those are forward states too, another draw of them (with the training
+#   batches' class mix), so its `train_gap` and `gap` measure the same thing and differ by
+#   sampling noise; DDIL's rollouts should bring `train_gap` down. The two panels share
+#   their y axis.
 # - **`drift`**: to the teacher's states at $t$ (the states the student should visit).
 # - **`shift`**: the excess $-\log q_t(x\mid c)$ in nats, 0 when the states are as likely
 #   under $q_t$ as forward states are.
 #
 # The table's `gap_sum`, `train_gap_sum`, `drift_sum` and `shift_sum` add these over the
-# student timesteps. The teacher's row is a second, independent teacher draw: its distances
-# are the noise floor of these estimates (at $t=999$ every policy holds pure noise, so the
-# curves start at that floor).
+# student timesteps. The **grey band** is the noise floor of each measure: the same measure
+# between independent forward draws of $q_t(x\mid c)$ of the same size (mean ± 2 sd over
+# eight draws). A curve inside the band is as close to $q_t$ as sampling noise can tell; two
+# curves that differ by less than the band's width may differ by chance. At $t=999$ every
+# policy holds pure noise, which is on $q_t$: the students and the plain DDIM teacher share
+# one draw $x_T$ (so their curves start at one point), the `teacher` row is an independent
+# draw (a second 32-step teacher run), and each starts inside the band or near its edge (a
+# single draw falls outside ±2 sd about one time in twenty).
 
 # %%
 rec.figure("shift_uncond", shift.shift_curves(study_u))
 
 # %% [markdown]
 # Where the student's step is wrong: the RMS distance between one student DDIM step and the
-# teacher's substep walk from the same state (the PD target), on forward states (dashed,
-# where PD trains) and on the student's own inference states (solid, where it is used).
+# teacher's substep walk from the same state (the PD target), on forward states (dashed line,
+# open squares: where PD trains) and on the student's own inference states (solid line,
+# filled circles: where it is used); colour: the arm.
 
 # %%
 rec.figure("step_error_uncond", shift.step_errors(study_u))
@@ -154,8 +163,8 @@ rec.figure("step_error_uncond", shift.step_errors(study_u))
 # %%
 rows_u = {k: nb.seed_lists(v) for k, v in study_u.rows.items()}
 display(Markdown(nb.markdown_table(rows_u, table_keys)))
-print(nb.verdict(study_u.rows, "baseline", "ddil"))
-print(nb.verdict(study_u.rows, "baseline", "ddil", "nll"))
+nb.show_lines([nb.verdict(study_u.rows, "baseline", "ddil"),
+               nb.verdict(study_u.rows, "baseline", "ddil", "nll")])
 rec.log("uncond", {k: nb.seed_mean(v) for k, v in study_u.rows.items()})
 
 # %% [markdown]
@@ -197,24 +206,25 @@ rec.figure("samples_guided", common.sample_panels({k: t.sample for k, t in study
 # %%
 rows_g = {k: nb.seed_lists(v) for k, v in study_g.rows.items()}
 display(Markdown(nb.markdown_table(rows_g, table_keys)))
-print(nb.verdict(study_g.rows, "baseline", "ddil"))
-print(nb.verdict(study_g.rows, "baseline", "ddil", "nll"))
-print(nb.verdict(study_g.rows, "baseline", "ddil", "off_mode"))
+nb.show_lines([nb.verdict(study_g.rows, "baseline", "ddil"),
+               nb.verdict(study_g.rows, "baseline", "ddil", "nll"),
+               nb.verdict(study_g.rows, "baseline", "ddil", "off_mode")])
 rec.log("guided", {k: nb.seed_mean(v) for k, v in study_g.rows.items()})
 print("metrics and figures in", rec.save())
 
 # %% [markdown]
 # ## What to read, and what to try
 #
-# Figures and `metrics.json` are in `out_dir` (`run/wall_s` is the run's time).
+# Figures and `metrics.json` are in `out_dir` (a relative `out_dir` is under the repository
+# root, wherever the notebook runs; `run/wall_s` is the run's time).
 #
 # - **Unconditional**: the teacher's and the students' states sit on $q_t$ (small `gap`,
 #   close to the teacher's own). There is little covariate shift to correct, and DDIL is
 #   expected to change little; the verdict lines above say whether it did, against the
 #   seeds' noise.
 # - **Guided**: the guided teacher (and any student that imitates it) leaves $q_t(x\mid c)$
-#   far behind (large `gap`), while DDIL's training states follow the sampler (small
-#   `train_gap`). Whether that buys better samples at this budget is what the verdict lines
+#   far behind (large `gap`), while DDIL's training states follow the sampler (a smaller
+#   `train_gap` than the baseline's). Whether that buys better samples at this budget is what the verdict lines
 #   measure; the toy table (notebook 03) has more seeds.
-# - Try: `guidance` 1, 3, 9; `n_steps` 2 or 8; `ddil_share` 1.0 (rollouts only); more `steps`;
+# - Try: `guidance` 1, 3, 9; `n_steps` 2 or 8; `ddil_share=1.0` (rollouts only); more `steps`;
 #   `setting="grid25"`; fewer `substeps` (a cheaper, cruder target).

@@ -31,36 +31,34 @@
 # trajectory keeps every mode at its weight at every step; a student's states may not.
 #
 # We compare the teacher, a PD student, an LCM student and a DMD2 student, each with and
-# without DDIL, on a mixture with unequal mode weights (0.30 down to 0.04), where a
-# mode-seeking policy should drop the small modes first.
+# without DDIL, on a mixture with unequal mode weights (`imbalanced`: the largest about
+# seven times the smallest), where a mode-seeking policy should drop the small modes first.
 #
-# **What you will see** (the default run took 3 minutes under papermill on a shared 2-core CPU
-# with a load average near 9; the training and the mode-counting cells show progress bars):
+# **What you will see** (a few minutes at the defaults on a 2-core CPU: `docs/notebooks.md`
+# has measured times; the training and the mode-counting cells show progress bars, one per
+# arm, named by method, arm and seeds):
 #
 # 1. the samples of every policy;
 # 2. per policy, the modes the teacher reaches from its states at each step (heatmaps), the
 #    effective number of reachable modes per step, and where the final samples land;
-# 3. a table of the mode-loss numbers and a map of where each state leads (controls).
+# 3. a table of the mode-loss numbers, what this run shows (written from its own numbers),
+#    and a map of where each state leads (controls).
 #
-# **What the default run shows** (measured once at these defaults: 2 seeds, 300 steps,
-# `n_eval=2000`; your run prints its own numbers in section 3). With `critic_steps=1` (the
-# fake critic is updated once per generator step, so it lags the generator and DMD2's
-# reverse-KL pull is strongly mode-seeking), DMD2 trained on its own backward trajectories
-# loses reachable modes step by step: 6.3, 6.0, 5.4 effective modes at t = 749, 500, 250,
-# then 2.6 in its samples, against the teacher's 6.6 at every step; its samples put 7% of
-# their mass in the small modes (those under half the largest mode's weight) against the
-# teacher's 35%. **The small modes go first.** DMD2 with DDIL (half forward states) ends at
-# 4.6 effective modes and 10%: somewhat less loss, but within the seeds' noise at 2 seeds
-# (the verdict lines), and 42% of its samples land off every mode (backward: 28%). PD and LCM keep their modes (6.5 and 6.3 effective modes, 33% and
-# 31%). The plain 4-step DDIM teacher, the untrained student, loses small modes in its last
-# step only (5.3, 16%).
+# **What to look for.** With `critic_steps=1` (the fake critic is updated once per generator
+# step, so it lags the generator and DMD2's reverse-KL pull is strongly mode-seeking), DMD2
+# trained on its own backward trajectories is the policy that can lose reachable modes along
+# its trajectory; the paper's argument says a mode-seeking loss drops the small modes first.
+# Whether it does, at which step, and whether DDIL (forward states of the data in DMD2's
+# training mix) keeps more modes is what this run measures. The teacher's trajectory keeps
+# every mode at every step; PD and LCM regress onto the teacher. Section 3 quotes this run's
+# numbers next to the table they come from, and the verdict lines say which differences
+# exceed the seeds' noise (at two seeds, DMD2's spread is wide).
 #
-# Two conditions matter, both measured with a smaller evaluation (`docs/notebooks.md`): with
-# `critic_steps=5` (try it) the critic keeps up and DMD2 only *leans* towards the large
-# modes mid-trajectory (about 6.0 effective modes at t = 500), then spreads again in its last
-# step, ending with slightly *more* weight on the small modes than the teacher (7.1 effective
-# modes); and with 600 instead of 300 steps the lagging-critic DMD2 recovers most of its loss
-# (6.4 effective modes). So this is mode loss at a training budget, not a fixed point.
+# Two conditions mattered in earlier searches (`docs/notebooks.md`, measured before the
+# ensemble training was batched; not rerun here): with `critic_steps=5` the critic kept up and
+# DMD2 only *leaned* towards the large modes mid-trajectory, then spread again in its last
+# step; and with twice the training steps the lagging-critic DMD2 recovered most of its loss.
+# So read this as mode loss at a training budget, not a fixed point.
 
 # %% tags=["parameters"]
 out_dir: str = "runs/notebooks/02_mode_loss"  # figures and metrics.json go here
@@ -140,7 +138,8 @@ rec.figure("final_modes", modes.final_mode_bars(study))
 # modes (those under half the largest mode's weight in the teacher's samples). Then the
 # sample metrics: `mmd_x1e3` (squared MMD x1000 to the teacher's samples, unbiased: values
 # near 0 can be slightly negative), `nll` (nats) and `tv` (total variation to the teacher's
-# mode weights), with verdict lines for each method with and without DDIL.
+# mode weights), with verdict lines for each method with and without DDIL, and what this run
+# shows in words (its numbers are the table's and the figures': means over seeds).
 
 # %%
 loss_rows = modes.mode_loss_rows(study)
@@ -148,11 +147,14 @@ display(Markdown(nb.markdown_table(loss_rows, list(loss_rows["teacher"]), fmt="{
 keys = ["mmd_x1e3", "nll", "tv", "off_mode"]
 rows = {k: nb.seed_lists(v) for k, v in study.rows.items()}
 display(Markdown(nb.markdown_table(rows, keys)))
+lines = []
 for method, arms in plan.items():
     if len(arms) > 1:
         a, b = f"{method} {arms[0]}", f"{method} {arms[1]}"
-        print(nb.verdict(study.rows, a, b, "tv"))
-        print(nb.verdict(study.rows, a, b, "mmd_x1e3"))
+        lines += [nb.verdict(study.rows, a, b, "tv"), nb.verdict(study.rows, a, b, "mmd_x1e3")]
+nb.show_lines(lines)
+template, values = modes.findings(study, loss_rows)
+nb.fill(template, rec, "findings", **values)
 rec.log("modes", {k: nb.seed_mean(v) for k, v in study.rows.items()})
 rec.log("mode_loss", {k: {h: sum(v) / len(v) for h, v in r.items()}
                       for k, r in loss_rows.items()})
@@ -189,6 +191,5 @@ print("metrics and figures in", rec.save())
 #   the samples; compare the `eff. modes` columns of the table with the teacher's row.
 # - The verdict lines compare each method with and without DDIL, in standard errors over
 #   the seeds; at this budget and on this toy, read them before any story.
-# - Try: `critic_steps=5` (a critic that keeps up: the mid-trajectory lean without the loss
-#   at the end); more `steps`; `dmd2_arms=["baseline", "backward", "ddil"]`;
+# - Try: `critic_steps=5` (a critic that keeps up: does the loss at the end go?); more `steps`; `dmd2_arms=["baseline", "backward", "ddil"]`;
 #   `setting="guided"` (guidance is itself mode-seeking); `n_steps=2`.

@@ -31,8 +31,8 @@
 # Part 2 opens the StateSampler: **where the training states come from, as training
 # proceeds**, coloured by source.
 #
-# **What you will see** (the default run took 5.5 minutes under papermill on a shared 2-core
-# CPU with a load average near 9; the training cells show progress bars):
+# **What you will see** (a few minutes at the defaults on a 2-core CPU: `docs/notebooks.md`
+# has measured times; the training cells show progress bars):
 #
 # 1. one compact table of the toy table's arms (sample quality, mean ± std over seeds) with
 #    verdict lines, and one figure: the samples of every arm; the full tables and the other
@@ -57,7 +57,7 @@ steps: int = 300  # gradient steps of the sources run
 batch_size: int = 256  # training states per step
 lr: float = 1e-3  # AdamW learning rate
 snapshot_every: int = 50  # steps between snapshots of the training states
-n_snapshot: int = 1000  # states drawn per snapshot
+n_snapshot: int = 4000  # states drawn per snapshot (over all timesteps and sources)
 init_steps: int = 1000  # training steps of the MLP denoiser the students start from
 seed: int = 0  # seed of the sources run
 widgets: bool = True  # show controls under the static figures (in a widget-enabled frontend)
@@ -91,14 +91,14 @@ priors = {"beta_frwd": beta_frwd, "beta_teacher_bckwrd": beta_teacher_bckwrd,
 # for results.
 
 # %%
-table = sources.run_toy_table(os.path.join(out_dir, "toy_table"), table_quick, **table_overrides)
+table = sources.run_toy_table(os.path.join(rec.out_dir, "toy_table"), table_quick,
+                              **table_overrides)
 shown = table["rows"][0]["setting"]
 display(Markdown(f"**{shown}**, {len(table['config']['seeds'])} seed(s), "
                  f"{table['config']['steps']} steps per arm\n\n"
                  + nb.markdown_table(sources.compact_table(table["rows"], shown),
                                      list(sources.COMPACT_HEADERS), fmt="{:.4g}")))
-for line in sources.table_verdicts(table["rows"], shown):
-    print(line)
+nb.show_lines(sources.table_verdicts(table["rows"], shown, label="MMD² x1e3"))
 rec.log("table", sources.table_metrics(table["summary"]))
 
 # %% [markdown]
@@ -118,10 +118,12 @@ rec.image("table_samples", samples_png)
 # One student, trained on all four sources with the priors above and the paper's
 # *student-selection* schedule: early on the student is poor, so states come from the data;
 # over `ramp_steps` the priors move to the chosen mix. The figure shows one snapshot of the
-# training states: one row per source, one column per student timestep, over the grey
-# forward marginal $q_t$: forward (blue) fills $q_t$, teacher (green), student (red) and
-# mixed (orange) rollouts sit where those samplers go. The slider picks the snapshot
-# (0: the first, after `snapshot_every` steps); the last is shown first.
+# training states: one row per source (forward, teacher, student and mixed rollouts; the
+# row label gives the source's share), one column per student timestep, over the grey
+# forward marginal $q_t$. Under guidance the states are coloured by class and the crosses
+# mark each class's modes at $t$ (the component centres $\alpha_t \mu_k$). The slider picks
+# the snapshot (0: the first, after `snapshot_every` steps); the last is shown first, and the
+# lines under it say where its states sit, per source.
 #
 # *Controls* redraw the figure in place; while later cells are still running (Run All) they
 # redraw only once those have finished.
@@ -135,6 +137,9 @@ n_snaps = len(snaps.snapshots)
 nb.explore(sources.snapshot_by_source, {"snapshot": (0, n_snaps - 1, 1)},
            {"snapshot": n_snaps - 1}, rec, "sources_over_training", widgets, snapshots=snaps,
            backend=backend, grid=result.method.grid.tolist())
+template, values = sources.spread_findings(snaps.snapshots[-1][1], backend,
+                                           result.method.grid.tolist())
+nb.fill(template, rec, "spread", **values)
 
 # %% [markdown]
 # The share of each source among the training states over training (the prior schedule).
@@ -154,8 +159,8 @@ rec.figure("source_losses", sources.source_losses(result))
 # ## 3. Play with the priors
 #
 # What the StateSampler would feed this trained student with other priors (normalised to
-# sum to one) and another mixed-rollout probability. With `p_student = 0` a mixed rollout
-# is the teacher's, with 1 the student's.
+# sum to one) and another mixed-rollout probability, one row per source as above. With
+# `p_student = 0` a mixed rollout is the teacher's, with 1 the student's.
 
 # %%
 nb.explore(sources.source_preview, {"beta_frwd": (0.0, 1.0, 0.05),
@@ -177,12 +182,15 @@ print("metrics and figures in", rec.save())
 # - In the table, compare each method's arms against the seeds' spread (mean ± std) and read
 #   the verdict lines; the teacher rows give the noise floor (a second teacher draw) and what
 #   plain 4-step DDIM of the teacher achieves. `out_dir/toy_table/table.md` has every metric.
-# - In the snapshots, forward states fill $q_t$ evenly while rollout states follow the
-#   sampler: under guidance (the default `setting`) compare the rows at $t = 500$ and $250$,
-#   where the rollout rows spread outwards, towards the modes of their class, and the
-#   forward row stays on the unconditional $q_t$. Move the slider to the first snapshots:
-#   during the `ramp_steps` ramp most states are forward states (the row labels give the shares).
-# - Try: `table_quick=False, table_overrides={}` for the full table (about 15 minutes);
+# - In the snapshots, forward states are noised data of their class, so together they fill
+#   $q_t$, while rollout states sit where the sampler goes. Under guidance (the default
+#   `setting`) the guided sampler is pushed away from the other class's modes; whether that
+#   shows at $t = 500$ and $250$, where the noise still outweighs the data in every state, is
+#   what the radii and the own-class shares under the figure say (chance: one over the
+#   number of classes). Move the slider to the first snapshots: during the `ramp_steps` ramp
+#   most states are forward states (the row labels give the shares).
+# - Try: `table_quick=False, table_overrides={}` for the full table (much longer: see the
+#   `table_quick` help);
 #   `table_overrides={"settings": ["ring8"], "steps": 300}`; `method="dmd2"`;
 #   `beta_frwd=0` (no data: the data-free setting, teacher rollouts stand in for the data);
 #   `ramp_steps=0`; `p_student=1`.

@@ -30,17 +30,17 @@
 # Because DDIM derives its noise direction from $\hat x_0$, clamping $\hat x_0$ also changes
 # where the next state goes. This notebook shows what thresholding does (1) to the guided
 # teacher's $\hat x_0$, (2) to each method's regression targets, and (3) to DMD2 trained with
-# a small batch, over seeds, and (4) why, at these defaults, reflection makes that DMD2
-# *worse*, not better.
+# a small batch, over seeds, and (4) why reflection can make that DMD2 *worse*, not better.
 #
-# **What you will see** (the default run took 3 minutes under papermill on a shared 2-core CPU
-# with a load average near 10; the DMD2 cell shows one progress bar per run):
+# **What you will see** (a few minutes at the defaults on a 2-core CPU: `docs/notebooks.md`
+# has measured times; the DMD2 cell shows one progress bar per run, named by arm and seed):
 #
 # 1. the guided teacher's raw and clamped $\hat x_0$ per step (sliders);
 # 2. each method's targets with and without reflection, and a table of how many leave the box;
 # 3. DMD2 at batch 8 over seeds: generator loss and sample quality during training, the
 #    critic's loss, and a table with verdict lines;
-# 4. why reflection makes it worse here, and the settings searched for the paper's claim.
+# 4. what this run found, why reflection can make it worse, and the settings searched for
+#    the paper's claim.
 
 # %% tags=["parameters"]
 out_dir: str = "runs/notebooks/04_reflected"  # figures and metrics.json go here
@@ -88,15 +88,17 @@ backend = make_backend(setting, teacher=teacher, guidance=guidance, init_steps=i
 # %%
 nb.explore(reflection.teacher_x0, {"guidance": (1.0, 10.0, 0.5), "thresholding": bool},
               {"guidance": guidance, "thresholding": thresholding}, rec, "teacher_x0", widgets,
-              backend=backend, n_steps=n_steps, n=n_eval // 2)
+              backend=backend, n_steps=n_steps, n=n_eval)
 
 # %%
 traj, cond = common.teacher_trajectory(backend, n_steps, n=n_eval)
 outside = {f"t{t}": reflection.outside_support(x0)
            for t, x0 in zip(traj.grid, reflection.teacher_x0_along(backend, traj, cond))}
-print("share of the teacher's x0 outside [-1, 1]^2 per step:",
-      ", ".join(f"t = {t[1:]}: {100 * v:.0f}%" for t, v in outside.items()))
+nb.show_lines([f"share of the teacher's x0 outside the box per step ({n_eval} states, as in "
+               "the figure's titles): " + ", ".join(f"t = {t[1:]}: {100 * v:.0f}%"
+                                                   for t, v in outside.items())])
 rec.log("teacher_x0_outside", outside)
+samples_outside = reflection.outside_support(traj.sample)  # the teacher's samples
 
 # %% [markdown]
 # ## 2. What the students are taught
@@ -159,19 +161,16 @@ keys = ["final_mmd", "max_loss", "on_edge", "raw_outside", "skipped"]
 per_seed = {arm: [{k: r[k] for k in keys} for r in rs] for arm, rs in runs.items()}
 display(Markdown(nb.markdown_table({a: nb.seed_lists(v) for a, v in per_seed.items()},
                                       keys, fmt="{:.4g}")))
-for arm in dmd2_arms[1:]:
-    print(nb.verdict(per_seed, dmd2_arms[0], arm, "final_mmd"))
+nb.show_lines([nb.verdict(per_seed, dmd2_arms[0], arm, "final_mmd") for arm in dmd2_arms[1:]])
 rec.log("dmd2", {arm: nb.seed_mean(v) for arm, v in per_seed.items()})
-print("metrics and figures in", rec.save())
 
 # %% [markdown]
-# ## 4. Why reflection makes small-batch DMD2 worse here
+# ## 4. Why reflection can make small-batch DMD2 worse
 #
-# The paper reports that reflection *stabilises* DMD2 with small batches. At these defaults
-# (guidance $w=9$, batch 8, lr $10^{-3}$, 5 critic steps, 300 steps) it does the opposite,
-# and the `on_edge` column shows the symptom: most of the reflected student's samples have a
-# coordinate exactly on the edge of the box, far from every mode (the teacher's samples are
-# inside the box: 0.3% of them leave it at $w=9$). Why:
+# The paper reports that reflection *stabilises* DMD2 with small batches. The cell below
+# writes what this run found, from its numbers (the `reflected` arm against the baseline, and
+# the `on_edge` column: samples with a coordinate exactly on the edge of the box, where a
+# clamp leaves every estimate that was outside). Where reflection makes it worse, why:
 #
 # - **The clamped real score points at the edge.** DMD2 pulls the generator by
 #   $g \propto \hat x_0^\text{fake} - \hat x_0^\text{real}$ at a random noise level
@@ -182,32 +181,29 @@ print("metrics and figures in", rec.save())
 #   box.
 # - **The clamp also blocks the way back.** The generator's output is clamped inside the loss,
 #   whose derivative is 0 outside the box: a coordinate that has left it gets no gradient and
-#   stays (`raw_outside`). This is not the main cause: in the search below, a straight-through
-#   clamp (clamped forward, gradient passed) is no better.
-# - **Small batches make each pull noisier** (8 samples, lr $10^{-3}$): a few large steps put
-#   samples on the edge, and the edge is where the clamped target keeps them.
-#
-# **Is there a regime where the paper's claim holds on this toy?** Not among the small-batch
-# settings searched (3 seeds each, 300 steps, one run per seed; final MMD² x1e3, baseline ->
-# reflected; measured on a shared 2-core CPU):
-#
-# | setting | baseline | reflected | verdict | reflected `on_edge` |
-# |---|---|---|---|---|
-# | $w=9$, batch 8, lr 1e-3, 5 critic steps (these defaults) | 1216 | 2504 | worse, 6.8 SE | 0.56-0.99 |
-# | $w=9$, batch 8, lr 1e-4 | 1342 | 1889 | worse, 3.1 SE | 0.50-0.90 |
-# | $w=9$, batch 8, lr 1e-3, 1 critic step | 1554 | 3085 | worse, 4.9 SE | 0.99-1.00 |
-# | $w=9$, batch 8, lr 1e-3, straight-through clamp | 1265 | 2658 | worse, 3.6 SE | 0.93-1.00 |
-# | $w=6$, batch 8, lr 1e-4 | 887 | 946 | no difference | 0.30-0.48 |
-# | $w=6$, batch 64, lr 1e-4 | 882 | 912 | 1.9 SE worse | 0.61-0.65 |
-#
-# The closest to the claim is "no worse" at weaker guidance and a smaller learning rate,
-# where fewer estimates are clamped. The toy table (`docs/results.md`) has reflection helping
-# guided DMD2 at lr 1e-4 with batch 256 (NLL and off-mode), i.e. not at small batch. Reflection
-# as wired here (every estimate hard-clamped, as the paper's Sec. 4.1 lists) keeps samples on
-# the support but not on the data; a softer wiring (e.g. clamping only where the teacher is
-# queried at low noise) is a question for the method, not settled here.
+#   stays (`raw_outside`). In the search in `docs/notebooks.md` this was not the main cause: a
+#   straight-through clamp (clamped forward, gradient passed) was no better.
+# - **Small batches make each pull noisier** (batch `dmd2_batch_size`, lr `lr`): a few large
+#   steps put samples on the edge, and the edge is where the clamped target keeps them.
+
+# %%
+base, refl = dmd2_arms[0], next((a for a in dmd2_arms[1:] if a == "reflected"), dmd2_arms[-1])
+template, values = reflection.findings(per_seed, base, refl, samples_outside, guidance)
+nb.fill(template, rec, "findings", **values)
+print("metrics and figures in", rec.save())
 
 # %% [markdown]
+# **Is there a regime where the paper's claim holds on this toy?** Not among the small-batch
+# settings searched in `docs/notebooks.md` (guidance 6 and 9, batch 8 and 64, lr $10^{-3}$
+# and $10^{-4}$, 1 and 5 critic steps, a straight-through clamp; 3 seeds each): reflection was
+# worse or no different in every one. The closest to the claim was "no worse" at weaker
+# guidance and a smaller learning rate, where fewer estimates are clamped. The toy table
+# (`docs/results.md`) has reflection helping guided DMD2 at lr $10^{-4}$ with batch 256 (NLL
+# and off-mode), i.e. not at small batch. Reflection as wired here (every estimate
+# hard-clamped, as the paper's Sec. 4.1 lists) keeps samples on the support but not on the
+# data; a softer wiring (e.g. clamping only where the teacher is queried at low noise) is a
+# question for the method, not settled here.
+
 # ## What to read, and what to try
 #
 # - Thresholding only acts where estimates leave the support: the exact unguided teacher

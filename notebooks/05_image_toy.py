@@ -44,7 +44,7 @@
 out_dir: str = "runs/notebooks/05_image_toy"  # figures and metrics.json go here
 data: str = "digits"  # "digits" (offline, 1x16x16) or "cifar10" (needs root)
 root: str = ""  # CIFAR-10 folder holding cifar-10-batches-py/ (for data "cifar10")
-teacher_dir: str = "runs/image_teacher_digits_small"  # teacher checkpoint folder ("": in memory)
+teacher_dir: str = "runs/image_teacher_digits_small"  # teacher checkpoint folder, relative to the repository root ("": in memory)
 teacher_steps: int = 600  # teacher training steps (when trained or resumed here)
 net: str = "small"  # teacher UNet: "small" (laptop), "digits" (4x wider), "tiny" (tests only)
 conditional: bool = False  # class-conditional students (else unconditional: classes are modes)
@@ -87,18 +87,21 @@ table_keys = ["fid", "precision", "recall", "coverage", "tv", "diversity", "shif
 # `ImageBackend` loads the teacher from `teacher_dir`, resumes its training there, or trains
 # it (`train_teacher`: v-prediction, cosine schedule, EMA, safetensors checkpoints). The
 # network is wrapped to predict $x_0$, like every model in the library; students and DMD2's
-# critic start as copies of it. The first row below is held-out data (the floor of FID and TV
-# at this sample size), then the teacher walking 32 steps (what students are taught) and plain
-# 4-step DDIM (what distillation must beat).
+# critic start as copies of it. The first grid below is held-out data (the floor of FID and TV
+# at this sample size), the second the teacher walking 32 steps (what students are taught) and
+# the third plain 4-step DDIM (what distillation must beat).
 
 # %%
-backend = ImageBackend(data, root=root or None, teacher_dir=teacher_dir or None,
+backend = ImageBackend(data, root=root or None, teacher_dir=nb.repo_path(teacher_dir) or None,
                        teacher_steps=teacher_steps, conditional=labels, guidance=guidance,
                        device=device, seed=seed, **teacher_kw)
 ev = ImageEvaluator.for_backend(backend, classifier_steps, n=n_eval, diversity=diversity)
 results = ev.reference_rows()
 acc = getattr(ev.classifier, "accuracy", None)
-display(Markdown(f"`{backend}`; classifier held-out accuracy: "
+display(Markdown(f"Teacher on **{backend.data.name}** ({'x'.join(map(str, backend.shape))} "
+                 f"images, guidance w = {backend.guidance:g}, network parameterisation "
+                 f"`{type(backend.cond_teacher).__name__}`, wrapped to predict $x_0$); "
+                 "classifier held-out accuracy: "
                  + (f"{acc:.1%}" if acc is not None else "no classifier (Inception features)")
                  + f"; diversity measured with: {ev.diversity_kind}"))
 rec.figure("teacher", grids(results))

@@ -67,7 +67,7 @@ BY_HAND = {("PD", "teacher"), ("StateSampler", "nfe"), ("distill", "backend"),
            ("distill", "method"), ("distill", "sampler"), ("distill", "accelerator"),
            ("distill", "optimizer_class"), ("distill", "out_dir"), ("progressive", "backend"),
            ("progressive", "sampler_factory"), ("progressive", "steps_per_stage"),
-           ("progressive", "kw")}
+           ("progressive", "kw"), ("distill", "desc")}
 
 
 def _kind(annotation: str):
@@ -163,6 +163,7 @@ RANGES = [  # (entry, kwargs, message pattern): values of the right type out of 
     ("distill", {"optimizer_class": "adamw"}, r"optimizer_class='adamw' .*Optimizer subclass"),
     ("distill", {"optimizer_class": torch.nn.Linear}, r"optimizer_class=<class .*Linear'>"),
     ("distill", {"accelerator": object()}, r"accelerator='<object>' .*accelerate.Accelerator"),
+    ("distill", {"desc": 3}, r"desc=3 .*None or a string"),
     ("progressive", {"start": 12, "end": 4}, r"start=12 .*end=4 times a power of two"),
     ("progressive", {"end": 0}, r"end=0 .*>= 1"),
     ("progressive", {"steps_per_stage": [5]}, r"steps_per_stage=\[5\] .*list of 3 ints"),
@@ -414,7 +415,8 @@ FREE_TEXT = {("evaluate", "model"), ("evaluate", "captions"), ("evaluate", "imag
              ("evaluate", "root"), ("evaluate", "fid_weights"), ("evaluate", "cache_dir"),
              ("evaluate", "timesteps"), ("image_table", "root"), ("image_table", "teacher"),
              ("image_table", "data"), ("image_table", "net"), ("image_table", "diversity"),
-             ("regime_map", "set"), ("bench", "setting"), ("bench", "teacher")}
+             ("regime_map", "set"), ("regime_map", "compare_to"), ("bench", "setting"),
+             ("bench", "teacher")}
 LIST_OPTIONS = {"seeds", "methods", "arms", "blocks", "shapes"}
 OUT_OPTIONS = {"out", "models", "teacher_dir"}
 
@@ -494,6 +496,7 @@ SCRIPT_CASES = [  # (script, argv, message pattern): the issue's cases and more
     ("regime_map", ["--set", "pdd.stds=0.1"], r"--set='pdd.stds=0.1' .*BLOCK in"),
     ("regime_map", ["--set", "pd.stds"], r"--set='pd.stds' .*BLOCK.FACTOR=V1,V2"),
     ("regime_map", ["--seeds", "x"], r"--seeds='x' .*not every seed is an int"),
+    ("regime_map", ["--compare-to", "{tmp}/no_map"], r"--compare-to='.*no_map' .*deltas.csv"),
     ("regime_map", ["--seeds", "0,0"], r"--seeds='0,0' .*repeated"),
     ("regime_map", ["--seeds", "0"], r"--seeds='0' .*holds 1 seed.*paired interval"),
     ("regime_map", ["--quick", "--full"], r"--full=True .*--quick or --full, not both"),

@@ -221,7 +221,7 @@ def _bar_labels(nb: dict) -> dict[int, list[str]]:
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_progress_bar_labels_are_distinct_within_a_cell(executed, name):
-    out_dir, out_nb, rc, log = executed[name]
+    _, out_nb, rc, log = executed[name]
     assert rc == 0, f"{name} failed under papermill:\n{log}"
     with open(out_nb) as f:
         nb = json.load(f)
@@ -285,7 +285,7 @@ def test_text_quotes_only_numbers_from_the_run(executed, name):
 def test_one_quantity_one_value_in_02(executed):
     """Notebook 02 shows effective modes in a figure, a table and a sentence: one value (the
     mean over seeds) in all three."""
-    out_dir, out_nb, rc, log = executed["02_mode_loss"]
+    out_dir, _, rc, log = executed["02_mode_loss"]
     assert rc == 0, log
     with open(out_dir / "metrics.json") as f:
         m = json.load(f)["metrics"]

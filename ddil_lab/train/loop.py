@@ -230,6 +230,8 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
         shard_optimizer=shard_optimizer, shared_plan=shared_plan, fsdp=procs.fsdp is not None,
         progress=progress, callbacks=callbacks, max_consecutive_skips=max_consecutive_skips,
         max_skips=max_skips)
+    if desc is not None and not isinstance(desc, str):
+        fail("desc", desc, "None or a string (the progress bar's label)")
     sampler = sampler or StateSampler()
     shared_plan = procs.fsdp is not None if shared_plan is None else shared_plan
     skip_limit = max_skips if max_skips is not None else max(10, steps // 10)

@@ -237,11 +237,11 @@ def effective_modes(study, names=None, size=(3.6, 2.8)) -> Figure:
     return fig
 
 
-def final_mode_bars(study, names=None, size=(7.5, 2.6)) -> Figure:
+def final_mode_bars(study, names=None, size=(8.6, 2.8)) -> Figure:
     """Mode frequencies of the final samples per policy (mean and std over seeds) against the
-    teacher's samples."""
+    teacher's samples, in the colours of ``effective_modes``; the legend sits beside the bars."""
     names = names or [n for n in study.per_seed if not n.startswith("teacher")]
-    fig = Figure(figsize=size)
+    fig = Figure(figsize=size, layout="constrained")
     ax = fig.subplots()
     hists = {n: torch.stack([h[-1, :-1] for h in study.per_seed[n]]) for n in names}
     colors = policy_colors(study.summary)  # the colours of the effective-modes figure
@@ -249,8 +249,8 @@ def final_mode_bars(study, names=None, size=(7.5, 2.6)) -> Figure:
                    title="where the samples land (black: the 32-step teacher)",
                    colors=[colors[n] for n in names])
     ax.set_ylabel("fraction of samples")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=7, frameon=False)
     return fig
 
 

@@ -135,7 +135,7 @@ def shift_study(backend, method: str = "pd", arms=("baseline", "ddil"), seeds=(0
     def measure(traj):
         return trajectory_metrics(traj, backend, ref, study.forward, n_ref=min(20000, 4 * n_eval))
 
-    study.floor = noise_floor(backend, ref, study.forward, n_draws=4, seed=ref_seed + 2,
+    study.floor = noise_floor(backend, ref, study.forward, n_draws=8, seed=ref_seed + 2,
                               n_ref=min(20000, 4 * n_eval))
 
     study.trajs["teacher"] = ref.teacher2
@@ -169,7 +169,7 @@ def shift_study(backend, method: str = "pd", arms=("baseline", "ddil"), seeds=(0
 
 
 @torch.no_grad()
-def noise_floor(backend, ref: Reference, forward: list, n_draws: int = 4, seed: int = 0,
+def noise_floor(backend, ref: Reference, forward: list, n_draws: int = 8, seed: int = 0,
                 n_ref: int = 20000) -> dict[str, list[list[float]]]:
     """What the per-step measures give by chance alone: ``n_draws`` fresh forward draws of
     q_t(x|c) (labels ``ref.cond``, the size of a policy's state set) measured like a policy's
@@ -275,7 +275,7 @@ def shift_curves(study, keys=("gap", "train_gap", "drift", "shift"), names=None,
     return fig
 
 
-def step_errors(study, size=(6.4, 3.6)) -> Figure:
+def step_errors(study, size=(7.6, 3.8)) -> Figure:
     """PD students: RMS error of one student step against the teacher's substep walk, on
     forward states (dashed, open markers) and on the student's own inference states (solid,
     filled), per step; colour: the arm."""

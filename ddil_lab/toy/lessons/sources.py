@@ -219,8 +219,8 @@ def _states_by_source(fig, states, backend, grid, n_show: int, shares: bool = Tr
             else:
                 lab = torch.as_tensor(at.cond)[keep][:n_show]
                 for k in torch.unique(lab).tolist():
-                    scatter2d(x[lab == k], ax, color=CLASS_COLORS[k % len(CLASS_COLORS)], s=3,
-                              alpha=0.6, lim=lim)
+                    scatter2d(x[lab == k], ax, color=CLASS_COLORS[k % len(CLASS_COLORS)], s=5,
+                              alpha=0.8, lim=lim)
             if mode_labels is not None:  # the modes of each class, at t
                 centres = float(S.alpha(t)) * gmm.means  # (K, 2)
                 for k in torch.unique(mode_labels).tolist():
@@ -233,6 +233,66 @@ def _states_by_source(fig, states, backend, grid, n_show: int, shares: bool = Tr
         axs[r, 0].set_ylabel(f"{src}\n{100 * frac:.0f}%" if shares else src, fontsize=8,
                              color=SOURCE_COLORS[src])
     return axs
+
+
+@torch.no_grad()
+def spread(states: States, backend, grid) -> dict[str, dict[int, dict[str, float]]]:
+    """Where each source's states sit, per timestep: ``rms`` the root-mean-square distance
+    from the origin (the data's centre), ``mode_rms`` the same for the mixture's modes at t
+    (alpha(t) mu_k), and, for a class-conditional mixture, ``own`` the fraction of states whose
+    nearest mode at t belongs to their own class (chance: one over the number of classes).
+    ``source -> t -> {...}``; sources without states at t are left out."""
+    S, gmm = backend.schedule, backend.gmm
+    mode_labels = getattr(gmm, "labels", None)
+    out: dict = {}
+    for r, src in enumerate(SOURCES):
+        for t in grid:
+            at = states_at(states, t)
+            keep = at.source == r
+            if int(keep.sum()) == 0:
+                continue
+            x = at.x_t[keep].double()
+            centres = float(S.alpha(t)) * gmm.means.double()  # (K, 2)
+            row = {"rms": float(x.pow(2).sum(1).mean().sqrt()),
+                   "mode_rms": float(centres.pow(2).sum(1).mean().sqrt()), "n": int(keep.sum())}
+            if mode_labels is not None and at.cond is not None:
+                nearest = torch.cdist(x, centres).argmin(1)
+                lab = torch.as_tensor(at.cond)[keep]
+                row["own"] = float((mode_labels[nearest] == lab).double().mean())
+            out.setdefault(src, {})[int(t)] = row
+    return out
+
+
+def spread_findings(states: States, backend, grid, at=(500, 250)) -> tuple[str, dict]:
+    """A Markdown template and its values (for ``notebook.fill``): per source, at the
+    timesteps ``at`` (those on the grid), the rms radius of the states against the forward
+    states' and the modes', and the share of states nearest a mode of their own class."""
+    sp = spread(states, backend, grid)
+    ts = [t for t in at if t in [int(g) for g in grid]]
+    vals: dict = {}
+    lines = []
+    for src, rows in sp.items():
+        parts = []
+        for t in ts:
+            if t not in rows:
+                continue
+            key = f"{src}_{t}"
+            vals[f"{key}_rms"] = rows[t]["rms"]
+            part = f"t = {t}: radius {{{key}_rms:.2f}}"
+            if "own" in rows[t]:
+                vals[f"{key}_own"] = 100 * rows[t]["own"]
+                part += f", {{{key}_own:.0f}}% nearest a mode of their class"
+            parts.append(part)
+        if parts:
+            lines.append(f"- **{src}** (about {{{src}_n}} states per step): " + "; ".join(parts))
+            vals[f"{src}_n"] = rows[next(iter(rows))]["n"]
+    modes = "; ".join(f"t = {t}: {{modes_{t}:.2f}}" for t in ts if t in sp.get("forward", {}))
+    for t in ts:
+        if t in sp.get("forward", {}):
+            vals[f"modes_{t}"] = sp["forward"][t]["mode_rms"]
+    head = ("**Where the states of this snapshot sit** (rms distance from the data's centre; "
+            f"the modes' radius, {modes}):\n\n")
+    return head + "\n".join(lines), vals
 
 
 def _colour_note(backend) -> str:
