@@ -383,8 +383,9 @@ def _assignments(src: str) -> dict:
     import ast
     out = {}
     for node in ast.parse(src).body:
-        targets = [node.target] if isinstance(node, ast.AnnAssign) else \
-            node.targets if isinstance(node, ast.Assign) else []
+        if not isinstance(node, (ast.Assign, ast.AnnAssign)):
+            continue  # imports, calls, ... assign no parameter
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
         ann = ast.unparse(node.annotation) if isinstance(node, ast.AnnAssign) else None
         try:
             value = ast.literal_eval(node.value) if node.value is not None else _NOT_LITERAL
