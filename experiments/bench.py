@@ -22,7 +22,7 @@ identical runs, so the load average before and after is printed too.
 from __future__ import annotations
 
 import argparse
-import itertools
+import inspect
 import json
 import os
 import statistics
@@ -87,8 +87,10 @@ def map_unit(init_steps: int = 3000, std: float = 0.06, classes: int = 3, seeds=
     from ddil_lab.toy.backend import RING12_WEIGHTS
 
     gmm = class_mixture(12, classes, std, 0.7, weights=RING12_WEIGHTS)
-    return [Toy2dBackend(gmm, guidance=w, hidden=h, student_init=i, init_steps=init_steps,
-                         teacher_dtype="float32")
+    # the map's float32 teacher (a library from before it had one: its float64 teacher)
+    kw = {"teacher_dtype": "float32"} if "teacher_dtype" in inspect.signature(
+        Toy2dBackend).parameters else {}
+    return [Toy2dBackend(gmm, guidance=w, hidden=h, student_init=i, init_steps=init_steps, **kw)
             for w in (1.0, 3.0, 6.0, 9.0) for h in (32, 128) for i in ("pretrained", "random")]
 
 

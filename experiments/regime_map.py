@@ -295,6 +295,38 @@ def _run_group(args) -> int:
     return len(units)
 
 
+def _in_processes(args: list, workers: int) -> None:
+    """Run ``_run_group`` on every task in ``workers`` forked processes, each taking the next
+    task when it finishes one (the longest first). Results travel through the run's store,
+    so nothing is pickled but the task numbers; a failed process fails the map."""
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("fork")
+    todo = ctx.Queue()
+    for i in range(len(args)):
+        todo.put(i)
+
+    def work():
+        while True:
+            try:
+                i = todo.get(timeout=1)
+            except queue.Empty:
+                return
+            _run_group(args[i])
+
+    procs = [ctx.Process(target=work, daemon=True) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {workers} map processes failed (exit codes "
+                           f"{failed}; their tracebacks are above); the units they finished are "
+                           "kept: rerun the same command to continue")
+
+
 def run(out: str = "runs/regime_map", quick: bool = False, full: bool = False,
         only=None, progress: bool = True, workers: int | None = None, **overrides) -> dict:
     """Run the map's blocks (``only``: a subset of their names; default all) and write the
@@ -332,10 +364,7 @@ def run(out: str = "runs/regime_map", quick: bool = False, full: bool = False,
         for a in args:
             _run_group(a)
     else:
-        import multiprocessing as mp
-        with mp.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-            for _ in pool.imap_unordered(_run_group, args):
-                pass
+        _in_processes(args, min(workers, len(tasks)))
     store = RunStore(out, settings)  # what every process recorded
     rows = [r for u in units for r in store.rows(u["key"])]
     diag = {}

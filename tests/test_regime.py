@@ -2,6 +2,7 @@
 cells trained as one ensemble, the shift diagnostic (oracle cases on the exact teacher; it runs
 on the image and SD backends) and the regime map's --quick run."""
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -257,3 +258,41 @@ def test_regime_map_quick(tmp_path):
     diag = {k[2]: v["summary"] for k, v in res["diagnostic"].items()}
     assert diag[6.0] > diag[1.0]  # guidance moves the teacher off q_t
     assert "Does the diagnostic predict" in res["markdown"] and "Total time" in res["markdown"]
+
+
+def test_regime_map_resumes_skips_done_units_and_refuses_other_settings(tmp_path, capsys,
+                                                                        monkeypatch):
+    """A killed map keeps its finished units: a rerun with the same settings trains none of
+    them again (and says so) and reports the same numbers; other settings over the same folder
+    are refused, naming the difference. Two worker processes give the rows one process gives."""
+    rm = _regime_map()
+    kw = dict(quick=True, only=["pd"], progress=True)
+    first = rm.run(str(tmp_path / "a"), workers=1, **kw)
+    capsys.readouterr()
+    trained = []
+    monkeypatch.setattr(rm, "train_cells", lambda *a, **k: trained.append(1))
+    again = rm.run(str(tmp_path / "a"), workers=1, **kw)
+    assert not trained and "2 of 2 units already done" in capsys.readouterr().out
+    assert [d["sw_x1e3"] for d in again["deltas"]] == [d["sw_x1e3"] for d in first["deltas"]]
+    with pytest.raises(ConfigError, match=r"other settings \(seeds: \[0, 1\] in the folder, "
+                                          r"\[0, 1, 2\] now"):
+        rm.run(str(tmp_path / "a"), workers=1, seeds=(0, 1, 2), **kw)
+    # a unit cut off mid-write leaves a partial line: it is dropped and the unit redone
+    done = tmp_path / "a" / "done.jsonl"
+    lines = done.read_text().splitlines(keepends=True)
+    done.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    from ddil_lab.train.runstore import RunStore
+    store = RunStore(str(tmp_path / "a"), json.loads((tmp_path / "a" / "settings.json").read_text()))
+    assert len(store) == len(lines) - 1 and done.read_text().endswith("\n")
+
+
+def test_regime_map_two_workers_give_the_rows_of_one(tmp_path):
+    """Units run in two processes (one mixture each) give exactly the rows one process gives."""
+    rm = _regime_map()
+    blocks = {"pd": {**rm.QUICK["blocks"]["pd"], "classes": (2, 3), "guidance": (6.0,),
+                     "inits": ("pretrained",)}}
+    res = [rm.run(str(tmp_path / str(w)), quick=True, progress=False, workers=w, blocks=blocks)
+           for w in (1, 2)]
+    key = lambda r: (r["setting"], r["arm"], r["seed"])  # noqa: E731
+    one, two = (sorted(r["rows"], key=key) for r in res)
+    assert len(one) == 8 and [r["sw_x1e3"] for r in one] == [r["sw_x1e3"] for r in two]
