@@ -494,7 +494,7 @@ def test_notebook_05_runs_under_papermill(tmp_path):
 
     params = dict(out_dir=str(tmp_path / "out"), teacher_dir="", teacher_steps=10, net="tiny",
                   steps=2, batch_size=8, buffer_size=16, critic_steps=1, n_eval=40,
-                  classifier_steps=20, diversity="features")
+                  classifier_steps=20, diversity="features", n_diag=24)
     pm.execute_notebook(str(ROOT / "notebooks" / "05_image_toy.ipynb"),
                         str(tmp_path / "out.ipynb"), parameters=params, kernel_name="python3",
                         cwd=str(ROOT), progress_bar=False, start_timeout=600)
@@ -504,6 +504,7 @@ def test_notebook_05_runs_under_papermill(tmp_path):
     for arm in ("pd", "lcm", "dmd2"):
         for kind in ("baseline", "ddil"):
             assert math.isfinite(rec["metrics"][f"table/{arm} {kind}/fid"])
+    assert math.isfinite(rec["metrics"]["diagnostic/summary"])  # section 6, before training
     executed = json.loads((tmp_path / "out.ipynb").read_text())
     assert output_problems(executed) == []
     pngs = [o for c in executed["cells"] for o in c.get("outputs", [])
