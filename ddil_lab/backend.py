@@ -12,6 +12,7 @@ A backend provides
     sample_noise(n, generator)     x_T ~ N(0, I) of the model's shape
     make_student()                 a trainable Denoiser initialised from the teacher's network
     make_critic()                  a trainable copy of the teacher's network (DMD2's fake critic)
+    make_random_critic()           the same network, freshly initialised (DMD2's critic_init)
     decode(x)                      model space -> data space (identity, or the VAE decoder)
 Optional: ``plot_samples(x, ax)`` draws samples the way this tier shows them.
 """
@@ -42,6 +43,16 @@ class Backend:
 
     def make_critic(self) -> torch.nn.Module:
         return self.make_student()
+
+    def make_random_critic(self) -> torch.nn.Module:
+        """``make_critic()`` with every layer's weights re-drawn (its ``reset_parameters``,
+        from torch's global random stream)."""
+        net = self.make_critic()
+        with torch.no_grad():
+            for m in net.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        return net
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return x

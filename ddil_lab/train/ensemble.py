@@ -305,6 +305,10 @@ class EnsembleBackend(Backend):
         return SeedEnsemble([self._build(k, "make_critic") for k in range(self.members)],
                             self.counter, "critic")
 
+    def make_random_critic(self):
+        return SeedEnsemble([self._build(k, "make_random_critic") for k in range(self.members)],
+                            self.counter, "critic")
+
 
 class MemberView:
     """One trained student of an ensemble run: ``.sample(x_T, cond)`` samples it the way it

@@ -1,0 +1,331 @@
+"""Where does DMD2 work on the toy tier? A one-factor-at-a-time map around a centre recipe, and
+the paper's small-batch claims (reflection, DDIL) measured in the regime it finds.
+
+    python experiments/dmd2_search.py --out runs/dmd2_search             # the recipe map
+    python experiments/dmd2_search.py --claims --out runs/dmd2_claims    # batch x reflection x DDIL
+    python experiments/dmd2_search.py --quick --out /tmp/dmd2_quick      # seconds (the tests)
+
+Mixture: the regime map's ring of 12 unequal modes in 3 classes (std 0.1). Every recipe trains
+4-step DMD2 students for the unguided (w = 1) and the guided (w = 6) teacher, ``seeds`` seeds
+each, as one batched ensemble (``train_cells``), from the pretrained MLP. Quality: per-class
+sliced W1 (x1e3) against the 32-step (guided) teacher, and its ratio to the teacher's own second
+draw on the same evaluation set (the noise floor): a recipe *works* (issue 25) where the mean
+ratio is at most 2 for every seed.
+
+Recipe map: a centre recipe (``CENTRE``) and each factor of ``FACTORS`` varied alone: the
+regression loss of DMD's first version (weight; 0 is DMD2's own recipe), the distribution-
+matching term (0: regression alone), critic updates per generator update (TTUR), generator and
+critic learning rates, the critic's initialisation, the tau range of the DM gradient, batch
+size and training steps. The GAN head is left out: its head is a single module that ensemble
+members would share (``DMD2.gan_head``), so it cannot be trained as independent seeds here.
+
+Claims (``--claims``): the centre recipe at batch 7, 16 and 64, each with and without reflection
+and with and without DDIL (half the states from mixed teacher/student rollouts, rolled out to
+t = 500 as the paper does), same seeds. Per arm: final quality, seed-to-seed spread, and how
+often a run *diverges*: its loss turned non-finite, or its final SW is above the teacher's own
+4-step DDIM sampler's (distillation then made things worse than not distilling).
+
+Writes ``rows.csv`` (one row per recipe x w x seed), ``summary.md`` (printed), ``search.png``
+(SW ratio per factor level) and ``settings.json`` / ``done.jsonl`` (a rerun over the same
+``--out`` skips finished recipes; other settings are refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+from ddil_lab import toy as tx
+from ddil_lab.toy import Toy2dBackend, class_mixture
+from ddil_lab.toy.backend import RING12_WEIGHTS
+from ddil_lab.train.arms import train_cells
+from ddil_lab.train.runstore import RunStore
+from ddil_lab.train.loop import NonFiniteError
+from ddil_lab.validation import check_out_dir, cli_exit, parse_seeds
+
+MIXTURE = {"modes": 12, "classes": 3, "std": 0.1, "radius": 0.7}
+GUIDANCE = (1.0, 6.0)
+# the centre recipe (what the probes before the search pointed to; DMD2's own is
+# regression_weight 0, lr 1e-3 here, critic_steps 5)
+CENTRE = {"regression_weight": 10.0, "dm_weight": 1.0, "critic_steps": 5, "lr": 3e-4,
+          "critic_lr": 1e-3, "critic_init": "teacher", "tau_hi": 0.98, "batch_size": 64,
+          "steps": 1000}
+FACTORS = {
+    "regression_weight": (0.0, 1.0, 10.0, 100.0),
+    "dm_weight": (0.0, 1.0),
+    "critic_steps": (1, 5, 10),
+    "lr": (1e-4, 3e-4, 1e-3),
+    "critic_lr": (3e-4, 1e-3, 3e-3),
+    "critic_init": ("teacher", "random"),
+    "tau_hi": (0.5, 0.98),
+    "batch_size": (16, 64, 256),
+    "steps": (300, 1000, 3000),
+}
+CLAIM_BATCHES = (7, 16, 64)
+CLAIM_ARMS = ("baseline", "reflected", "ddil", "ddil+reflected")
+DEFAULTS = {"seeds": (0, 1, 2), "n_eval": 2000, "init_steps": 3000, "rollout_until": 500,
+            "share": 0.5}
+QUICK = {"seeds": (0, 1), "n_eval": 200, "init_steps": 40,
+         "centre": {**CENTRE, "steps": 3, "batch_size": 8, "critic_steps": 1},
+         "factors": {"regression_weight": (0.0, 10.0), "critic_init": ("teacher", "random")},
+         "batches": (7,)}
+
+
+def recipe_key(r: dict, arm: str = "baseline") -> str:
+    return arm + "|" + "|".join(f"{k}={r[k]}" for k in sorted(r))
+
+
+def recipes(centre: dict, factors: dict) -> list[tuple[str, object, dict]]:
+    """(factor, level, recipe) for the centre and each factor level, without repeats (the
+    centre's own level of every factor is the centre recipe)."""
+    out, seen = [("centre", "", dict(centre))], {recipe_key(centre)}
+    for f, levels in factors.items():
+        for v in levels:
+            r = {**centre, f: v}
+            if recipe_key(r) not in seen:
+                seen.add(recipe_key(r))
+                out.append((f, v, r))
+    return out
+
+
+def method_kw(r: dict) -> dict:
+    return {"regression_weight": r["regression_weight"], "dm_weight": r["dm_weight"],
+            "critic_steps": r["critic_steps"], "critic_init": r["critic_init"],
+            "tau_range": (0.02, r["tau_hi"])}
+
+
+class Runner:
+    """Builds the mixture's backends and references once and trains / evaluates recipes."""
+
+    def __init__(self, cfg: dict, store: RunStore):
+        self.cfg, self.store = cfg, store
+        gmm = class_mixture(MIXTURE["modes"], MIXTURE["classes"], MIXTURE["std"],
+                            MIXTURE["radius"], weights=RING12_WEIGHTS)
+        self.bes = [Toy2dBackend(gmm, guidance=w, hidden=128, student_init="pretrained",
+                                 init_steps=cfg["init_steps"], teacher_dtype="float32")
+                    for w in GUIDANCE]
+        self.refs = [tx.make_reference(b, cfg["n_eval"], 4) for b in self.bes]
+        self.floor = {}
+        for w, b, ref in zip(GUIDANCE, self.bes, self.refs):
+            rows = tx.reference_rows(b, ref)
+            self.floor[w] = {"teacher2": rows["teacher 32-step (2nd draw)"]["sw_x1e3"],
+                             "ddim4": rows["teacher DDIM 4-step"]["sw_x1e3"]}
+
+    def __call__(self, key: str, r: dict, arm: str = "baseline", **tags) -> list[dict]:
+        if key in self.store:
+            return self.store.rows(key)
+        cfg, seeds = self.cfg, list(self.cfg["seeds"])
+        skw = {}
+        if "ddil" in arm:
+            skw = {"share": cfg["share"], "rollout_until": cfg["rollout_until"]}
+        t0 = time.perf_counter()
+        try:
+            views = train_cells(self.bes, "dmd2", arm, seeds, steps=r["steps"],
+                                batch_size=r["batch_size"], lr=r["lr"], critic_lr=r["critic_lr"],
+                                n_steps=4, method_kw=method_kw(r), sampler_kw=skw)
+        except NonFiniteError as e:  # the whole ensemble stops: every member counts as diverged
+            views, err = None, str(e).splitlines()[0]
+        wall = time.perf_counter() - t0
+        rows = []
+        for i, (w, b, ref) in enumerate(zip(GUIDANCE, self.bes, self.refs)):
+            evals = (tx.evaluate_members(views[i], b, ref, per_step=False) if views
+                     else [None] * len(seeds))
+            for seed, e in zip(seeds, evals):
+                sw = e["sw_x1e3"] if e else math.nan
+                fl = self.floor[w]
+                rows.append({**tags, "arm": arm, "w": w, "seed": seed, **r,
+                             "sw_x1e3": sw, "mmd_x1e3": e["mmd_x1e3"] if e else math.nan,
+                             "off_mode_class": e["off_mode_class"] if e else math.nan,
+                             "ratio": sw / fl["teacher2"], "teacher2_sw": fl["teacher2"],
+                             "ddim4_sw": fl["ddim4"],
+                             "diverged": bool(not e or not math.isfinite(sw) or sw > fl["ddim4"]),
+                             "error": "" if e else err, "train_s": wall})
+        self.store.add(key, rows)
+        return rows
+
+
+def mean_ci(v: list[float]) -> tuple[float, float]:
+    v = [x for x in v if math.isfinite(x)]
+    if not v:
+        return math.nan, math.nan
+    m = sum(v) / len(v)
+    if len(v) < 2:
+        return m, math.nan
+    from scipy import stats
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return m, stats.t.ppf(0.975, len(v) - 1) * sd / math.sqrt(len(v))
+
+
+def _cell(rows, key="sw_x1e3") -> str:
+    m, ci = mean_ci([r[key] for r in rows])
+    if math.isnan(m):
+        return "diverged"
+    return f"{m:.1f}" + ("" if math.isnan(ci) else f" ± {ci:.1f}")
+
+
+def works(rows) -> bool:
+    return all(math.isfinite(r["ratio"]) and r["ratio"] <= 2.0 for r in rows)
+
+
+def search_markdown(rows: list[dict], cfg: dict, floor: dict, elapsed: float) -> str:
+    lines = ["# DMD2 recipe map (toy)", "",
+             f"Mixture: ring of 12 modes, 3 classes, std {MIXTURE['std']}; 4-step students "
+             f"from the pretrained MLP (width 128); seeds {list(cfg['seeds'])}; "
+             f"{cfg['n_eval']} evaluation samples per (w, seed). Centre recipe: "
+             + ", ".join(f"{k} {v}" for k, v in cfg["centre"].items()) + ".",
+             "", "Teacher floor (SW x1e3 of its own 2nd draw; its 4-step DDIM): "
+             + "; ".join(f"w {w:g}: {f['teacher2']:.1f}, DDIM-4 {f['ddim4']:.1f}"
+                         for w, f in floor.items()), "",
+             "Mean ± 95% t-interval over seeds; ratio = SW / the teacher's 2nd-draw SW; "
+             "**works**: every seed's ratio <= 2.", "",
+             "| factor | level | w 1: SW x1e3 | ratio | w 6: SW x1e3 | ratio | "
+             "off-mode w 6 | works (w 1 / w 6) |", "|---|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["factor"], str(r["level"])) for r in rows))
+    for f, lv in keys:
+        sel = [r for r in rows if r["factor"] == f and str(r["level"]) == lv]
+        by = {w: [r for r in sel if r["w"] == w] for w in GUIDANCE}
+        lines.append(f"| {f} | {lv} | {_cell(by[1.0])} | {_cell(by[1.0], 'ratio')} | "
+                     f"{_cell(by[6.0])} | {_cell(by[6.0], 'ratio')} | "
+                     f"{_cell(by[6.0], 'off_mode_class')} | "
+                     f"{'yes' if works(by[1.0]) else 'no'} / {'yes' if works(by[6.0]) else 'no'} |")
+    lines += ["", f"Time: {elapsed:.0f} s (this process; recipes done earlier in the same "
+              "--out are reused, not re-timed)."]
+    return "\n".join(lines)
+
+
+def claims_markdown(rows: list[dict], cfg: dict, elapsed: float) -> str:
+    lines = ["# DMD2 at small batches: reflection and DDIL (toy)", "",
+             f"Centre recipe of the search at batch {', '.join(map(str, cfg['batches']))}; "
+             f"seeds {list(cfg['seeds'])}; DDIL: half the states from mixed rollouts down to "
+             f"t = {cfg['rollout_until']}. Diverged: a non-finite loss, or a final SW above "
+             "the teacher's own 4-step DDIM sampler's.", "",
+             "| batch | arm | w 1: SW x1e3 | seed spread (sd) | diverged | w 6: SW x1e3 | "
+             "seed spread (sd) | diverged |", "|---|---|---|---|---|---|---|---|"]
+
+    def sd(v):
+        v = [x for x in v if math.isfinite(x)]
+        if len(v) < 2:
+            return "n/a"
+        m = sum(v) / len(v)
+        return f"{math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)):.1f}"
+    for b in cfg["batches"]:
+        for arm in CLAIM_ARMS:
+            sel = [r for r in rows if r["batch_size"] == b and r["arm"] == arm]
+            parts = []
+            for w in GUIDANCE:
+                s = [r for r in sel if r["w"] == w]
+                parts += [_cell(s), sd([r["sw_x1e3"] for r in s]),
+                          f"{sum(r['diverged'] for r in s)}/{len(s)}"]
+            lines.append(f"| {b} | {arm} | " + " | ".join(parts) + " |")
+    lines += ["", f"Time: {elapsed:.0f} s."]
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    factors = [f for f in dict.fromkeys(r["factor"] for r in rows) if f != "centre"]
+    fig, axes = plt.subplots(1, max(1, len(factors)), figsize=(2.6 * max(1, len(factors)), 3),
+                             sharey=True, squeeze=False)
+    centre = [r for r in rows if r["factor"] == "centre"]
+    for ax, f in zip(axes[0], factors):
+        levels = list(dict.fromkeys([r["level"] for r in rows if r["factor"] == f]
+                                    + [centre[0][f]] if centre else []))
+        levels = sorted(levels, key=lambda v: (isinstance(v, str), v))
+        for w, colour in zip(GUIDANCE, ("C0", "C3")):
+            ms, cis = [], []
+            for lv in levels:
+                sel = [r for r in rows if r["w"] == w and (
+                    (r["factor"] == f and r["level"] == lv) or (r["factor"] == "centre"
+                                                                 and r[f] == lv))]
+                m, ci = mean_ci([r["ratio"] for r in sel])
+                ms.append(m), cis.append(0 if math.isnan(ci) else ci)
+            ax.errorbar(range(len(levels)), ms, yerr=cis, color=colour, marker="o",
+                        capsize=3, label=f"w {w:g}")
+        ax.axhline(2.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(levels)), [f"{v:g}" if isinstance(v, float) else str(v)
+                                           for v in levels], fontsize=7)
+        ax.set_title(f, fontsize=8)
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("SW / teacher's 2nd draw")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    import csv
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run(out: str, claims: bool = False, quick: bool = False, seeds=None,
+        progress: bool = True) -> dict:
+    cfg = dict(DEFAULTS, centre=dict(CENTRE), factors=dict(FACTORS), batches=CLAIM_BATCHES)
+    if quick:
+        cfg.update(QUICK)
+    if seeds is not None:
+        cfg["seeds"] = tuple(seeds)
+    torch.set_num_threads(1)
+    store = RunStore(out, {**cfg, "claims": claims})
+    t0 = time.perf_counter()
+    runner = Runner(cfg, store)
+    rows = []
+    if claims:
+        todo = [(b, arm) for b in cfg["batches"] for arm in CLAIM_ARMS]
+        for i, (b, arm) in enumerate(todo):
+            r = {**cfg["centre"], "batch_size": b}
+            if progress:
+                print(f"[{time.perf_counter() - t0:5.0f} s] {i + 1}/{len(todo)}: batch {b}, {arm}",
+                      flush=True)
+            rows += runner(recipe_key(r, arm), r, arm, factor="batch", level=b)
+        md = claims_markdown(rows, cfg, time.perf_counter() - t0)
+    else:
+        todo = recipes(cfg["centre"], cfg["factors"])
+        for i, (f, lv, r) in enumerate(todo):
+            if progress:
+                print(f"[{time.perf_counter() - t0:5.0f} s] {i + 1}/{len(todo)}: {f} = {lv}",
+                      flush=True)
+            rows += runner(recipe_key(r), r, factor=f, level=lv)
+        md = search_markdown(rows, cfg, runner.floor, time.perf_counter() - t0)
+        figure(rows, os.path.join(out, "search.png"))
+    write_csv(os.path.join(out, "rows.csv"), rows)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(md + "\n")
+    if progress:
+        print(md)
+    return {"rows": rows, "markdown": md, "floor": runner.floor}
+
+
+def main(argv=None) -> dict:
+    """The command line; a bad option raises ``ConfigError`` naming it (from the shell: one
+    line and exit status 2), before any backend is built."""
+    if argv is None:
+        import sys
+        raise SystemExit(cli_exit(main, "dmd2_search", sys.argv[1:]))
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/dmd2_search", help="output folder (resumable)")
+    ap.add_argument("--claims", action="store_true",
+                    help="the small-batch table (batch x reflection x DDIL) instead of the map")
+    ap.add_argument("--quick", action="store_true", help="a few steps, for tests")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
+    args = ap.parse_args(argv)
+    check_out_dir("--out", args.out)
+    seeds = parse_seeds("--seeds", args.seeds) if args.seeds else None
+    return run(args.out, claims=args.claims, quick=args.quick, seeds=seeds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""DMD2's recipe options: the regression loss on teacher ODE pairs (DMD's first version), a
+randomly initialised fake critic, and the search that picks the defaults (its quick mode)."""
+import pytest
+import torch
+
+from ddil_lab.diffusion import timesteps
+from ddil_lab.methods import DMD2
+from ddil_lab.sampling import DDIMPolicy, sample
+from ddil_lab.toy.backend import Toy2dBackend
+from ddil_lab.train import distill
+from ddil_lab.train.arms import EnsembleBackend
+from ddil_lab.validation import ConfigError
+
+
+@pytest.fixture(scope="module")
+def cond():
+    return Toy2dBackend("ring8_cond", guidance=2.0, init_steps=100)
+
+
+def test_regression_pairs_are_the_teachers_ddim_solutions(cond):
+    """Oracle: every pair's target is the guided teacher's DDIM walk from the pair's state at
+    its grid time down to 0 on the 8-step grid, recomputed here independently; the states at
+    t = T are (numerically) pure noise; the teacher calls are counted."""
+    torch.manual_seed(0)
+    dmd = DMD2(n_steps=4, regression_weight=1.0, regression_pairs=16, regression_steps=8)
+    dmd.setup(cond)
+    p = dmd.pairs
+    assert p["x_t"].shape == (64, 2) and p["t"].tolist() == sum([[t] * 16 for t in
+                                                                 (999, 749, 500, 250)], [])
+    fine = timesteps(8).tolist()
+    for t in (999, 749, 500, 250):
+        rows = p["t"] == t
+        walk = sample(DDIMPolicy(cond.teacher, cond.schedule), p["x_t"][rows],
+                      [u for u in fine if u <= t], p["cond"][rows], schedule=cond.schedule)
+        torch.testing.assert_close(p["y"][rows], walk.sample)
+    assert p["x_t"][p["t"] == 999].std() > 0.9  # alpha_999 ~ 0.07: mostly noise
+    # 16 pairs per grid time, walking 8, 6, 4 and 2 steps of the fine grid
+    assert dmd.nfe["teacher_target"] == 16 * (8 + 6 + 4 + 2)
+
+
+def test_regression_loss_is_the_mse_to_the_pairs_and_pulls_the_student(cond):
+    """The loss of drawn pairs is their per-sample MSE; a few steps on the regression loss
+    alone (the DM term weighted away) bring the student closer to the teacher's ODE map."""
+    torch.manual_seed(1)
+    dmd = DMD2(n_steps=4, regression_weight=1.0, regression_pairs=64, regression_steps=8)
+    dmd.setup(cond)
+    torch.manual_seed(5)
+    loss = dmd.regression_loss(32)
+    torch.manual_seed(5)
+    idx = torch.randint(0, 256, (32,))
+    p = dmd.pairs
+    manual = ((dmd.student(p["x_t"][idx], p["t"][idx], p["cond"][idx]) - p["y"][idx]) ** 2
+              ).mean(1)
+    torch.testing.assert_close(loss, manual)
+    before = float(dmd.regression_loss(256).mean().detach())
+    res = distill(cond, DMD2(n_steps=4, critic_steps=1, regression_weight=1e3,
+                             regression_pairs=64, regression_steps=8), steps=40, batch_size=64,
+                  lr=1e-3, grad_clip=None, progress=False, seed=1)
+    after = float(res.method.regression_loss(256).mean().detach())
+    assert "student/regression" in res.history[-1]
+    assert after < 0.5 * before
+
+
+def test_random_critic_is_fresh_and_follows_the_seed(cond):
+    """critic_init="random": the teacher's architecture with new weights; in an ensemble,
+    member k's critic is bitwise the one built alone under seed k."""
+    torch.manual_seed(0)
+    a = DMD2(critic_init="random")
+    a.setup(cond)
+    b = DMD2()
+    b.setup(cond)
+    wa = dict(a.critic.named_parameters())
+    wb = dict(b.critic.named_parameters())
+    assert wa.keys() == wb.keys()
+    assert all(not torch.equal(wa[k], wb[k]) for k in wa)
+    torch.testing.assert_close(dict(b.critic.named_parameters())["net.out.weight"],
+                               cond.init_net.net.out.weight)  # "teacher": a copy of its network
+    ens = EnsembleBackend(cond, 2, seeds=[3, 4])
+    e = DMD2(critic_init="random")
+    e.setup(ens)
+    for k, seed in enumerate((3, 4)):
+        torch.manual_seed(seed)
+        alone = cond.make_random_critic()
+        for n, v in e.critic.groups[0].member(k).named_parameters():
+            assert torch.equal(v, dict(alone.named_parameters())[n])
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"regression_weight": -1.0}, r"regression_weight=-1.0 .*>= 0"),
+    ({"regression_pairs": 0}, r"regression_pairs=0"),
+    ({"regression_steps": 6}, r"regression_steps=6 .*multiple of n_steps=4"),
+    ({"critic_init": "student"}, r"critic_init='student' .*\('teacher', 'random'\)"),
+])
+def test_bad_recipe_options_are_named(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        DMD2(**kw)
+
+
+def test_regression_needs_data(cond):
+    class NoData(Toy2dBackend):
+        has_data = False
+    be = NoData("ring8_cond", init_steps=100)
+    with pytest.raises(ConfigError, match=r"regression_weight=1.0 .*without data"):
+        DMD2(regression_weight=1.0).setup(be)
