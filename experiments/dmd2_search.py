@@ -22,8 +22,8 @@ members would share (``DMD2.gan_head``), so it cannot be trained as independent 
 Claims (``--claims``): the centre recipe at batch 7, 16 and 64, each with and without reflection
 and with and without DDIL (half the states from mixed teacher/student rollouts, rolled out to
 t = 500 as the paper does), same seeds. Per arm: final quality, seed-to-seed spread, and how
-often a run *diverges*: its loss turned non-finite, or its final SW is above the teacher's own
-4-step DDIM sampler's (distillation then made things worse than not distilling).
+often a run *fails*: its loss turned non-finite (diverged), or its final SW is above the
+teacher's own 4-step DDIM sampler's (distillation then made things worse than not distilling).
 
 Writes ``rows.csv`` (one row per recipe x w x seed), ``summary.md`` (printed), ``search.png``
 (SW ratio per factor level) and ``settings.json`` / ``done.jsonl`` (a rerun over the same
@@ -67,9 +67,22 @@ FACTORS = {
     "steps": (300, 1000, 3000),
 }
 CLAIM_BATCHES = (7, 16, 64)
+CLAIM_REGRESSION = (10.0, 0.0)  # the working recipe, and DMD2's own (no regression loss)
 CLAIM_ARMS = ("baseline", "reflected", "ddil", "ddil+reflected")
 DEFAULTS = {"seeds": (0, 1, 2), "n_eval": 2000, "init_steps": 3000, "rollout_until": 500,
             "share": 0.5}
+# digits (``--digits``): the image slice's teacher; a smaller budget (CPU), the same factors
+# that mattered on the toy
+DIGITS = {"seeds": (0, 1, 2), "n_eval": 500, "teacher_root": "runs/image_teachers",
+          "regression_pairs": 64, "regression_steps": 16,
+          "centre": {"regression_weight": 10.0, "dm_weight": 1.0, "critic_steps": 2, "lr": 3e-4,
+                     "critic_lr": 1e-3, "critic_init": "teacher", "tau_hi": 0.98,
+                     "batch_size": 8, "steps": 200},
+          "factors": {"regression_weight": (0.0,), "dm_weight": (0.0,)}}
+DIGITS_QUICK = {"seeds": (0,), "n_eval": 40, "teacher_root": None, "quick": True,
+                "regression_pairs": 4, "regression_steps": 4,
+                "centre": {**DIGITS["centre"], "steps": 2, "batch_size": 2, "critic_steps": 1},
+                "factors": {"regression_weight": (0.0,)}}
 QUICK = {"seeds": (0, 1), "n_eval": 200, "init_steps": 40,
          "centre": {**CENTRE, "steps": 3, "batch_size": 8, "critic_steps": 1},
          "factors": {"regression_weight": (0.0, 10.0), "critic_init": ("teacher", "random")},
@@ -93,14 +106,19 @@ def recipes(centre: dict, factors: dict) -> list[tuple[str, object, dict]]:
     return out
 
 
-def method_kw(r: dict) -> dict:
+def method_kw(r: dict, cfg: dict) -> dict:
     return {"regression_weight": r["regression_weight"], "dm_weight": r["dm_weight"],
             "critic_steps": r["critic_steps"], "critic_init": r["critic_init"],
-            "tau_range": (0.02, r["tau_hi"])}
+            "tau_range": (0.02, r["tau_hi"]),
+            "regression_pairs": cfg.get("regression_pairs", 1024),
+            "regression_steps": cfg.get("regression_steps", 32)}
 
 
 class Runner:
-    """Builds the mixture's backends and references once and trains / evaluates recipes."""
+    """Builds the toy mixture's backends and references once and trains / evaluates recipes.
+    Quality is ``sw_x1e3`` (per-class sliced W1 to the teacher's samples)."""
+
+    metric, limit = "sw_x1e3", 2.0  # issue 25: within 2x of the teacher's second draw
 
     def __init__(self, cfg: dict, store: RunStore):
         self.cfg, self.store = cfg, store
@@ -116,6 +134,10 @@ class Runner:
             self.floor[w] = {"teacher2": rows["teacher 32-step (2nd draw)"]["sw_x1e3"],
                              "ddim4": rows["teacher DDIM 4-step"]["sw_x1e3"]}
 
+    def evaluate(self, i: int, views) -> list[dict]:
+        return [{k: e[k] for k in ("sw_x1e3", "mmd_x1e3", "off_mode_class")}
+                for e in tx.evaluate_members(views, self.bes[i], self.refs[i], per_step=False)]
+
     def __call__(self, key: str, r: dict, arm: str = "baseline", **tags) -> list[dict]:
         if key in self.store:
             return self.store.rows(key)
@@ -127,26 +149,60 @@ class Runner:
         try:
             views = train_cells(self.bes, "dmd2", arm, seeds, steps=r["steps"],
                                 batch_size=r["batch_size"], lr=r["lr"], critic_lr=r["critic_lr"],
-                                n_steps=4, method_kw=method_kw(r), sampler_kw=skw)
+                                n_steps=4, method_kw=method_kw(r, cfg), sampler_kw=skw)
         except NonFiniteError as e:  # the whole ensemble stops: every member counts as diverged
             views, err = None, str(e).splitlines()[0]
         wall = time.perf_counter() - t0
         rows = []
-        for i, (w, b, ref) in enumerate(zip(GUIDANCE, self.bes, self.refs)):
-            evals = (tx.evaluate_members(views[i], b, ref, per_step=False) if views
-                     else [None] * len(seeds))
+        for i, w in enumerate(GUIDANCE):
+            evals = self.evaluate(i, views[i]) if views else [None] * len(seeds)
+            fl = self.floor[w]
             for seed, e in zip(seeds, evals):
-                sw = e["sw_x1e3"] if e else math.nan
-                fl = self.floor[w]
+                q = e[self.metric] if e else math.nan
                 rows.append({**tags, "arm": arm, "w": w, "seed": seed, **r,
-                             "sw_x1e3": sw, "mmd_x1e3": e["mmd_x1e3"] if e else math.nan,
-                             "off_mode_class": e["off_mode_class"] if e else math.nan,
-                             "ratio": sw / fl["teacher2"], "teacher2_sw": fl["teacher2"],
-                             "ddim4_sw": fl["ddim4"],
-                             "diverged": bool(not e or not math.isfinite(sw) or sw > fl["ddim4"]),
+                             **(e or {self.metric: math.nan}),
+                             "ratio": q / fl["teacher2"], "teacher2": fl["teacher2"],
+                             "ddim4": fl["ddim4"],
+                             "failed": bool(not e or not math.isfinite(q) or q > fl["ddim4"]),
                              "error": "" if e else err, "train_s": wall})
         self.store.add(key, rows)
         return rows
+
+
+class DigitsRunner(Runner):
+    """The same recipes on the digits tier: the image slice's cached class-conditional teacher
+    (``experiments/image_map.py``), guided at w 1 and 6; quality is ``fid_class`` (classifier-
+    feature FID per class to the 32-step teacher's samples, ``image.ClassReference``), its
+    floor the teacher's own second 32-step draw from other noise."""
+
+    metric, limit = "fid_class", 1.5  # issue 25: within 1.5x of the teacher's FID
+
+    def __init__(self, cfg: dict, store: RunStore):
+        import image_map
+        from ddil_lab.image import metrics as im
+        from ddil_lab.diffusion import timesteps
+
+        self.cfg, self.store = cfg, store
+        icfg = image_map.make_config(guidance=GUIDANCE, teacher_root=cfg["teacher_root"])
+        if cfg.get("quick"):
+            icfg = image_map.make_config(quick=True, guidance=GUIDANCE)
+        backends = image_map.make_backends(icfg)
+        self.bes = [backends[w] for w in GUIDANCE]
+        classifier = im.train_classifier(self.bes[0].data, steps=icfg["classifier_steps"])
+        grid = timesteps(4).tolist()
+        self.refs = [im.ClassReference(b, classifier, cfg["n_eval"], grid) for b in self.bes]
+        self.floor = {}
+        for w, b, ref in zip(GUIDANCE, self.bes, self.refs):
+            key = f"floor|w{w:g}"
+            if key not in store:
+                store.add(key, [{
+                    "teacher2": ref.evaluate(tx.TeacherSampler(b, grid, 32))["fid_class"],
+                    "ddim4": ref.evaluate(tx.TeacherSampler(b, grid, None))["fid_class"]}])
+            self.floor[w] = store.rows(key)[0]
+
+    def evaluate(self, i: int, views) -> list[dict]:
+        return [{k: e[k] for k in ("fid_class", "fid", "precision", "recall", "acc")}
+                for e in (self.refs[i].evaluate(v) for v in views)]
 
 
 def mean_ci(v: list[float]) -> tuple[float, float]:
@@ -161,51 +217,61 @@ def mean_ci(v: list[float]) -> tuple[float, float]:
     return m, stats.t.ppf(0.975, len(v) - 1) * sd / math.sqrt(len(v))
 
 
-def _cell(rows, key="sw_x1e3") -> str:
+NAMES = {"sw_x1e3": ("SW x1e3", "toy"), "fid_class": ("FID (per class)", "digits")}
+
+
+def _cell(rows, key) -> str:
     m, ci = mean_ci([r[key] for r in rows])
     if math.isnan(m):
-        return "diverged"
+        return "non-finite"
     return f"{m:.1f}" + ("" if math.isnan(ci) else f" ± {ci:.1f}")
 
 
-def works(rows) -> bool:
-    return all(math.isfinite(r["ratio"]) and r["ratio"] <= 2.0 for r in rows)
+def works(rows, limit: float) -> bool:
+    return all(math.isfinite(r["ratio"]) and r["ratio"] <= limit for r in rows)
 
 
-def search_markdown(rows: list[dict], cfg: dict, floor: dict, elapsed: float) -> str:
-    lines = ["# DMD2 recipe map (toy)", "",
-             f"Mixture: ring of 12 modes, 3 classes, std {MIXTURE['std']}; 4-step students "
-             f"from the pretrained MLP (width 128); seeds {list(cfg['seeds'])}; "
-             f"{cfg['n_eval']} evaluation samples per (w, seed). Centre recipe: "
+def search_markdown(rows: list[dict], cfg: dict, floor: dict, metric: str, limit: float,
+                    elapsed: float) -> str:
+    name, tier = NAMES[metric]
+    what = (f"Mixture: ring of 12 modes, 3 classes, std {MIXTURE['std']}; 4-step students "
+            "from the pretrained MLP (width 128)" if tier == "toy" else
+            "Digits, the image slice's class-conditional teacher; 4-step students from it")
+    lines = [f"# DMD2 recipe map ({tier})", "",
+             f"{what}; seeds {list(cfg['seeds'])}; {cfg['n_eval']} evaluation samples per "
+             "(w, seed). Centre recipe: "
              + ", ".join(f"{k} {v}" for k, v in cfg["centre"].items()) + ".",
-             "", "Teacher floor (SW x1e3 of its own 2nd draw; its 4-step DDIM): "
+             "", f"Teacher floor ({name} of its own 2nd 32-step draw; of its 4-step DDIM): "
              + "; ".join(f"w {w:g}: {f['teacher2']:.1f}, DDIM-4 {f['ddim4']:.1f}"
                          for w, f in floor.items()), "",
-             "Mean ± 95% t-interval over seeds; ratio = SW / the teacher's 2nd-draw SW; "
-             "**works**: every seed's ratio <= 2.", "",
-             "| factor | level | w 1: SW x1e3 | ratio | w 6: SW x1e3 | ratio | "
-             "off-mode w 6 | works (w 1 / w 6) |", "|---|---|---|---|---|---|---|---|"]
+             f"Mean ± 95% t-interval over seeds; ratio = {name} / the teacher's 2nd-draw value; "
+             f"**works**: every seed's ratio <= {limit:g}.", "",
+             f"| factor | level | w 1: {name} | ratio | w 6: {name} | ratio | works (w 1 / w 6) |",
+             "|---|---|---|---|---|---|---|"]
     keys = list(dict.fromkeys((r["factor"], str(r["level"])) for r in rows))
     for f, lv in keys:
         sel = [r for r in rows if r["factor"] == f and str(r["level"]) == lv]
         by = {w: [r for r in sel if r["w"] == w] for w in GUIDANCE}
-        lines.append(f"| {f} | {lv} | {_cell(by[1.0])} | {_cell(by[1.0], 'ratio')} | "
-                     f"{_cell(by[6.0])} | {_cell(by[6.0], 'ratio')} | "
-                     f"{_cell(by[6.0], 'off_mode_class')} | "
-                     f"{'yes' if works(by[1.0]) else 'no'} / {'yes' if works(by[6.0]) else 'no'} |")
+        ok = ["yes" if works(by[w], limit) else "no" for w in GUIDANCE]
+        lines.append(f"| {f} | {lv} | {_cell(by[1.0], metric)} | {_cell(by[1.0], 'ratio')} | "
+                     f"{_cell(by[6.0], metric)} | {_cell(by[6.0], 'ratio')} | {' / '.join(ok)} |")
     lines += ["", f"Time: {elapsed:.0f} s (this process; recipes done earlier in the same "
               "--out are reused, not re-timed)."]
     return "\n".join(lines)
 
 
-def claims_markdown(rows: list[dict], cfg: dict, elapsed: float) -> str:
-    lines = ["# DMD2 at small batches: reflection and DDIL (toy)", "",
-             f"Centre recipe of the search at batch {', '.join(map(str, cfg['batches']))}; "
+def claims_markdown(rows: list[dict], cfg: dict, metric: str, elapsed: float) -> str:
+    name, tier = NAMES[metric]
+    lines = [f"# DMD2 at small batches: reflection and DDIL ({tier})", "",
+             f"The search's centre recipe with regression weight "
+             f"{' and '.join(f'{r:g}' for r in cfg['claim_regression'])} (0: DMD2's own "
+             f"recipe) at batch {', '.join(map(str, cfg['batches']))}; "
              f"seeds {list(cfg['seeds'])}; DDIL: half the states from mixed rollouts down to "
-             f"t = {cfg['rollout_until']}. Diverged: a non-finite loss, or a final SW above "
+             f"t = {cfg['rollout_until']}. Failed: a non-finite loss, or a final {name} above "
              "the teacher's own 4-step DDIM sampler's.", "",
-             "| batch | arm | w 1: SW x1e3 | seed spread (sd) | diverged | w 6: SW x1e3 | "
-             "seed spread (sd) | diverged |", "|---|---|---|---|---|---|---|---|"]
+             f"| regression | batch | arm | w 1: {name} | seed spread (sd) | failed | "
+             f"w 6: {name} | seed spread (sd) | failed |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def sd(v):
         v = [x for x in v if math.isfinite(x)]
@@ -213,20 +279,24 @@ def claims_markdown(rows: list[dict], cfg: dict, elapsed: float) -> str:
             return "n/a"
         m = sum(v) / len(v)
         return f"{math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)):.1f}"
-    for b in cfg["batches"]:
-        for arm in CLAIM_ARMS:
-            sel = [r for r in rows if r["batch_size"] == b and r["arm"] == arm]
-            parts = []
-            for w in GUIDANCE:
-                s = [r for r in sel if r["w"] == w]
-                parts += [_cell(s), sd([r["sw_x1e3"] for r in s]),
-                          f"{sum(r['diverged'] for r in s)}/{len(s)}"]
-            lines.append(f"| {b} | {arm} | " + " | ".join(parts) + " |")
+    for reg in cfg["claim_regression"]:
+        for b in cfg["batches"]:
+            for arm in CLAIM_ARMS:
+                sel = [r for r in rows if r["batch_size"] == b and r["arm"] == arm
+                       and r["regression_weight"] == reg]
+                parts = []
+                for w in GUIDANCE:
+                    s = [r for r in sel if r["w"] == w]
+                    parts += [_cell(s, metric), sd([r[metric] for r in s]),
+                              f"{sum(r['failed'] for r in s)}/{len(s)}"]
+                lines.append(f"| {reg:g} | {b} | {arm} | " + " | ".join(parts) + " |")
     lines += ["", f"Time: {elapsed:.0f} s."]
     return "\n".join(lines)
 
 
-def figure(rows: list[dict], path: str) -> str:
+def figure(rows: list[dict], path: str, metric: str, limit: float) -> str:
+    """Per factor, the ratio to the teacher's floor (mean ± 95% interval over seeds) at each
+    level, w 1 and w 6; the dashed line is the "works" limit."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -236,7 +306,7 @@ def figure(rows: list[dict], path: str) -> str:
     centre = [r for r in rows if r["factor"] == "centre"]
     for ax, f in zip(axes[0], factors):
         levels = list(dict.fromkeys([r["level"] for r in rows if r["factor"] == f]
-                                    + [centre[0][f]] if centre else []))
+                                    + ([centre[0][f]] if centre else [])))
         levels = sorted(levels, key=lambda v: (isinstance(v, str), v))
         for w, colour in zip(GUIDANCE, ("C0", "C3")):
             ms, cis = [], []
@@ -248,12 +318,12 @@ def figure(rows: list[dict], path: str) -> str:
                 ms.append(m), cis.append(0 if math.isnan(ci) else ci)
             ax.errorbar(range(len(levels)), ms, yerr=cis, color=colour, marker="o",
                         capsize=3, label=f"w {w:g}")
-        ax.axhline(2.0, color="k", lw=0.8, ls="--")
+        ax.axhline(limit, color="k", lw=0.8, ls="--")
         ax.set_xticks(range(len(levels)), [f"{v:g}" if isinstance(v, float) else str(v)
                                            for v in levels], fontsize=7)
         ax.set_title(f, fontsize=8)
         ax.set_yscale("log")
-    axes[0][0].set_ylabel("SW / teacher's 2nd draw")
+    axes[0][0].set_ylabel(f"{NAMES[metric][0]} / teacher's 2nd draw")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -270,27 +340,36 @@ def write_csv(path: str, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def run(out: str, claims: bool = False, quick: bool = False, seeds=None,
+def run(out: str, claims: bool = False, quick: bool = False, seeds=None, digits: bool = False,
         progress: bool = True) -> dict:
+    """The recipe map (default), the small-batch claims (``claims``) or the digits check
+    (``digits``) into ``out``; returns {"rows", "markdown", "floor"}."""
     cfg = dict(DEFAULTS, centre=dict(CENTRE), factors=dict(FACTORS), batches=CLAIM_BATCHES)
+    if claims:
+        cfg["claim_regression"] = CLAIM_REGRESSION
     if quick:
         cfg.update(QUICK)
+    if digits:
+        cfg.update(DIGITS_QUICK if quick else DIGITS)
     if seeds is not None:
         cfg["seeds"] = tuple(seeds)
+    if claims and quick:
+        cfg["claim_regression"] = (10.0,)
     torch.set_num_threads(1)
-    store = RunStore(out, {**cfg, "claims": claims})
+    store = RunStore(out, {**cfg, "claims": claims, **({"digits": True} if digits else {})})
     t0 = time.perf_counter()
-    runner = Runner(cfg, store)
+    runner = (DigitsRunner if digits else Runner)(cfg, store)
     rows = []
     if claims:
-        todo = [(b, arm) for b in cfg["batches"] for arm in CLAIM_ARMS]
-        for i, (b, arm) in enumerate(todo):
-            r = {**cfg["centre"], "batch_size": b}
+        todo = [(reg, b, arm) for reg in cfg["claim_regression"] for b in cfg["batches"]
+                for arm in CLAIM_ARMS]
+        for i, (reg, b, arm) in enumerate(todo):
+            r = {**cfg["centre"], "batch_size": b, "regression_weight": reg}
             if progress:
-                print(f"[{time.perf_counter() - t0:5.0f} s] {i + 1}/{len(todo)}: batch {b}, {arm}",
-                      flush=True)
+                print(f"[{time.perf_counter() - t0:5.0f} s] {i + 1}/{len(todo)}: regression "
+                      f"{reg:g}, batch {b}, {arm}", flush=True)
             rows += runner(recipe_key(r, arm), r, arm, factor="batch", level=b)
-        md = claims_markdown(rows, cfg, time.perf_counter() - t0)
+        md = claims_markdown(rows, cfg, runner.metric, time.perf_counter() - t0)
     else:
         todo = recipes(cfg["centre"], cfg["factors"])
         for i, (f, lv, r) in enumerate(todo):
@@ -298,8 +377,9 @@ def run(out: str, claims: bool = False, quick: bool = False, seeds=None,
                 print(f"[{time.perf_counter() - t0:5.0f} s] {i + 1}/{len(todo)}: {f} = {lv}",
                       flush=True)
             rows += runner(recipe_key(r), r, factor=f, level=lv)
-        md = search_markdown(rows, cfg, runner.floor, time.perf_counter() - t0)
-        figure(rows, os.path.join(out, "search.png"))
+        md = search_markdown(rows, cfg, runner.floor, runner.metric, runner.limit,
+                             time.perf_counter() - t0)
+        figure(rows, os.path.join(out, "search.png"), runner.metric, runner.limit)
     write_csv(os.path.join(out, "rows.csv"), rows)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(md + "\n")
@@ -319,12 +399,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/dmd2_search", help="output folder (resumable)")
     ap.add_argument("--claims", action="store_true",
                     help="the small-batch table (batch x reflection x DDIL) instead of the map")
+    ap.add_argument("--digits", action="store_true",
+                    help="the recipes on the digits tier (the image slice's cached teacher)")
     ap.add_argument("--quick", action="store_true", help="a few steps, for tests")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     args = ap.parse_args(argv)
     check_out_dir("--out", args.out)
     seeds = parse_seeds("--seeds", args.seeds) if args.seeds else None
-    return run(args.out, claims=args.claims, quick=args.quick, seeds=seeds)
+    return run(args.out, claims=args.claims, quick=args.quick, seeds=seeds, digits=args.digits)
 
 
 if __name__ == "__main__":

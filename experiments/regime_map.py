@@ -17,7 +17,9 @@ Blocks (each a factorial; every arm of a block shares one ``Budget``):
   LCM+DDIL re-noised (those trajectories' x0 estimates diffused again to uniformly drawn solver
   times: the same states' content at the forward timestep distribution);
 - ``dmd2``: DMD2 forward-only, with backward simulation (student rollouts only, DMD2's own
-  baseline) and with DDIL (half forward, half mixed rollouts).
+  baseline) and with DDIL (half forward, half mixed rollouts), in DMD2's working regime on this
+  toy (``DMD2_TOY_RECIPE``: DMD's regression loss on; its own budget, 1000 x 64, lr 3e-4,
+  critic lr 1e-3; issue 25, ``docs/dmd2.md``).
 
 Per cell: ``seeds`` paired seeds (same initialisation, same evaluation noise and labels), all
 cells of a mixture x steps x arm trained as one batched ensemble (``train_cells``). Metrics
@@ -46,12 +48,14 @@ from ddil_lab import toy as tx
 from ddil_lab.shift import shift_diagnostic
 from ddil_lab.toy import Toy2dBackend, class_mixture
 from ddil_lab.toy.backend import RING12_WEIGHTS
-from ddil_lab.train.arms import Budget, train_cells
+from ddil_lab.train.arms import DMD2_TOY_RECIPE, Budget, train_cells
 from ddil_lab.train.runstore import RunStore
 from ddil_lab.validation import ConfigError
 
 WEIGHTS12 = RING12_WEIGHTS  # unequal weights of the 12 modes (ring12_cond3 is the 3-class case)
-BUDGETS = {"table": Budget(300, 256, 1e-3), "converged": Budget(1500, 512, 1e-3)}
+BUDGETS = {"table": Budget(300, 256, 1e-3), "converged": Budget(1500, 512, 1e-3),
+           # DMD2's working regime (issue 25, docs/dmd2.md: experiments/dmd2_search.py)
+           "dmd2": Budget(1000, 64, 3e-4, critic_lr=1e-3)}
 # arm label -> (arm of train.ARMS, make_sampler overrides)
 ARM_SPECS = {
     "baseline": ("baseline", {}),
@@ -69,7 +73,7 @@ DEFAULTS = {
     "init_steps": 3000,      # pretraining steps of the MLP a "pretrained" student starts from
     "share": 0.5, "ramp": 0.25,  # DDIL: rollout share; student-selection ramp (fraction of steps)
     "buffer_size": 1024, "refresh_every": 10, "refresh_size": 256,
-    "critic_steps": 5,
+    "dmd2_recipe": DMD2_TOY_RECIPE,  # DMD2's method settings (critic steps, regression loss)
     "teacher_dtype": "float32",  # the exact teacher's arithmetic (float32: within 1e-5, faster)
     "blocks": {
         "pd": {"method": "pd", "stds": (0.04, 0.06, 0.1), "classes": (2, 3),
@@ -85,12 +89,14 @@ DEFAULTS = {
                 "arms": ("baseline", "ddil", "ddil-renoised"), "budgets": ("table",)},
         "dmd2": {"method": "dmd2", "stds": (0.06, 0.1), "classes": (3,), "guidance": (1.0, 6.0),
                  "widths": (128,), "inits": ("pretrained",), "n_steps": (4,),
-                 "arms": ("baseline", "backsim", "ddil"), "budgets": ("table",)},
+                 "arms": ("baseline", "backsim", "ddil"), "budgets": ("dmd2",)},
     },
 }
 QUICK = {"seeds": (0, 1), "n_eval": 240, "n_diag": 200, "init_steps": 40, "buffer_size": 64,
-         "refresh_size": 32, "critic_steps": 1,
-         "budgets": {"table": Budget(4, 32, 1e-3), "converged": Budget(6, 32, 1e-3)},
+         "refresh_size": 32, "dmd2_recipe": {**DMD2_TOY_RECIPE, "critic_steps": 1,
+                                             "regression_pairs": 16, "regression_steps": 8},
+         "budgets": {"table": Budget(4, 32, 1e-3), "converged": Budget(6, 32, 1e-3),
+                     "dmd2": Budget(4, 16, 3e-4, critic_lr=1e-3)},
          "blocks": {
              "pd": {"method": "pd", "stds": (0.1,), "classes": (2,), "guidance": (1.0, 6.0),
                     "widths": (16,), "inits": ("pretrained", "random"), "n_steps": (4,),
@@ -104,7 +110,7 @@ QUICK = {"seeds": (0, 1), "n_eval": 240, "n_diag": 200, "init_steps": 40, "buffe
                      "arms": ("baseline", "ddil-renoised"), "budgets": ("table",)},
              "dmd2": {"method": "dmd2", "stds": (0.1,), "classes": (2,), "guidance": (6.0,),
                       "widths": (16,), "inits": ("pretrained",), "n_steps": (4,),
-                      "arms": ("baseline", "backsim"), "budgets": ("table",)},
+                      "arms": ("baseline", "backsim"), "budgets": ("dmd2",)},
          }}
 FULL = {"seeds": (0, 1, 2, 3, 4), "n_eval": 4000, "n_diag": 4000}
 KEYS = ("sw_x1e3", "mmd_x1e3", "off_mode_class", "off_mode", "nll", "tv")
@@ -209,7 +215,8 @@ def plan(cfg: dict, budgets: dict, names: list[str]) -> list[dict]:
                                 "n_steps": n_steps, "budget": bud, "label": label,
                                 "cells": cells,
                                 "cost": b.steps * b.batch_size * len(cells) * len(cfg["seeds"])
-                                * (1 + cfg["critic_steps"] if blk["method"] == "dmd2" else 1)})
+                                * (1 + cfg["dmd2_recipe"].get("critic_steps", 5)
+                                   if blk["method"] == "dmd2" else 1)})
     return units
 
 
@@ -263,7 +270,7 @@ class _Worker:
             if cfg["ramp"]:
                 skw["prior_schedule"] = "student_selection"
                 skw["ramp_steps"] = int(cfg["ramp"] * budget.steps)
-        mkw = {"critic_steps": cfg["critic_steps"]} if u["method"] == "dmd2" else None
+        mkw = dict(cfg["dmd2_recipe"]) if u["method"] == "dmd2" else None
         if self.progress:
             print(f"[{time.perf_counter() - self.t0:6.0f} s] pid {os.getpid()}: {u['key']}: "
                   f"{len(cells)} cells x {len(cfg['seeds'])} seeds", flush=True)

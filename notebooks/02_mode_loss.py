@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -70,6 +70,7 @@ lr: float = 1e-3  # AdamW learning rate
 ddil_share: float = 0.5  # DDIL: fraction of each batch from rollouts
 pd_substeps: int = 4  # PD: teacher DDIM steps per student step
 critic_steps: int = 1  # DMD2: fake-critic updates per generator update (1: a lagging critic, mode-seeking; try 5)
+dmd2_regression: float = 10.0  # DMD2: weight of DMD's regression loss (10: the toy recipe of docs/dmd2.md; 0: DMD2's own, a weak sampler here)
 dmd2_arms: list = ["backward", "ddil"]  # DMD2 arms: backward (its own rollouts only), ddil, baseline (forward only)
 seeds: list = [0, 1]  # seeds of each arm (trained together as one ensemble)
 n_eval: int = 2000  # trajectories drawn per policy
@@ -88,7 +89,8 @@ nb.check_parameters()  # a mistyped papermill parameter stops the run here
 nb.setup(threads=1, seed=seeds[0])
 rec = nb.Recorder(out_dir)
 plan = {"pd": ["baseline", "ddil"], "lcm": ["baseline", "ddil"], "dmd2": dmd2_arms}
-method_kw = {"pd": {"substeps": pd_substeps}, "dmd2": {"critic_steps": critic_steps}}
+method_kw = {"pd": {"substeps": pd_substeps},
+             "dmd2": {"critic_steps": critic_steps, "regression_weight": dmd2_regression}}
 
 # %% [markdown]
 # ## 1. Train the students

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -54,6 +54,7 @@ dmd2_arms: list = ["baseline", "reflected", "ddil+reflected"]  # DMD2 arms of th
 dmd2_steps: int = 300  # gradient steps of each DMD2 run
 dmd2_batch_size: int = 8  # generator batch: small, like the paper's DMD2 with batch 7
 critic_steps: int = 5  # DMD2 fake-critic updates per generator update
+dmd2_regression: float = 10.0  # DMD2: weight of DMD's regression loss (10: the toy recipe of docs/dmd2.md; 0: DMD2's own)
 lr: float = 1e-3  # AdamW learning rate
 eval_every: int = 25  # steps between sample-quality checks during training
 seeds: list = [0, 1, 2]  # one separate run per seed (each keeps its own loss curve)
@@ -139,7 +140,8 @@ rec.log("targets", rows)
 runs = reflection.stability_runs(backend, "dmd2", dmd2_arms, seeds, steps=dmd2_steps,
                             batch_size=dmd2_batch_size, lr=lr, n_steps=n_steps,
                             eval_every=eval_every, n_eval=min(500, n_eval),
-                            method_kw={"critic_steps": critic_steps})
+                            method_kw={"critic_steps": critic_steps,
+                                       "regression_weight": dmd2_regression})
 rec.figure("dmd2_stability", reflection.stability(runs, "loss/student"))
 
 # %% [markdown]
@@ -203,7 +205,7 @@ print("metrics and figures in", rec.save())
 # hard-clamped, as the paper's Sec. 4.1 lists) keeps samples on the support but not on the
 # data; a softer wiring (e.g. clamping only where the teacher is queried at low noise) is a
 # question for the method, not settled here.
-
+#
 # ## What to read, and what to try
 #
 # - Thresholding only acts where estimates leave the support: the exact unguided teacher

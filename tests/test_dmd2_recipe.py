@@ -102,3 +102,62 @@ def test_regression_needs_data(cond):
     be = NoData("ring8_cond", init_steps=100)
     with pytest.raises(ConfigError, match=r"regression_weight=1.0 .*without data"):
         DMD2(regression_weight=1.0).setup(be)
+
+
+# ---- the search script (experiments/dmd2_search.py), quick mode ----
+def _search():
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "experiments" / "dmd2_search.py"
+    sys.path.insert(0, str(path.parent))  # it imports its neighbours (image_map)
+    spec = importlib.util.spec_from_file_location("dmd2_search", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_search_quick_rows_ratios_and_resume(tmp_path, monkeypatch):
+    """Every recipe x w x seed has a row; the ratio is the metric over the teacher's own
+    second draw; a rerun over the same folder trains nothing; the files are written."""
+    ds = _search()
+    res = ds.run(str(tmp_path), quick=True, progress=False)
+    rows = res["rows"]
+    assert {(r["factor"], str(r["level"])) for r in rows} == {
+        ("centre", ""), ("regression_weight", "0.0"), ("critic_init", "random")}
+    assert len(rows) == 3 * 2 * 2  # recipes x w x seeds
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["sw_x1e3"] / res["floor"][r["w"]]["teacher2"])
+        assert r["failed"] == (r["sw_x1e3"] > res["floor"][r["w"]]["ddim4"])
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "search.png").exists()
+    monkeypatch.setattr(ds, "train_cells", lambda *a, **k: pytest.fail("retrained"))
+    again = ds.run(str(tmp_path), quick=True, progress=False)
+    assert [r["sw_x1e3"] for r in again["rows"]] == [r["sw_x1e3"] for r in rows]
+
+
+def test_claims_quick_table(tmp_path):
+    """The small-batch claims: every arm (baseline, reflected, ddil, ddil+reflected) at the
+    quick batch, with its failure count in the table."""
+    ds = _search()
+    res = ds.run(str(tmp_path), claims=True, quick=True, progress=False)
+    assert {r["arm"] for r in res["rows"]} == set(ds.CLAIM_ARMS)
+    assert {r["batch_size"] for r in res["rows"]} == {7}
+    for arm in ds.CLAIM_ARMS:
+        assert f"| 10 | 7 | {arm} |" in res["markdown"]
+
+
+def test_digits_quick(tmp_path):
+    """The digits check runs through the image slice's backends with FID against the
+    teacher, and its floor is the teacher's own second draw."""
+    ds = _search()
+    res = ds.run(str(tmp_path), digits=True, quick=True, progress=False)
+    assert {r["w"] for r in res["rows"]} == {1.0, 6.0}
+    for r in res["rows"]:
+        assert r["ratio"] == pytest.approx(r["fid_class"] / res["floor"][r["w"]]["teacher2"])
+    assert "works" in res["markdown"] and "digits" in res["markdown"]
+
+
+def test_search_cli_names_bad_options():
+    ds = _search()
+    with pytest.raises(ConfigError, match="--seeds"):
+        ds.main(["--seeds", "a,b"])

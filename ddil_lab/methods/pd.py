@@ -65,6 +65,10 @@ class PD(Method):
             self.teacher = self._teacher_override
         grid = self.grid.tolist()
         self.next_t = {t: (grid[i + 1] if i + 1 < len(grid) else -1) for i, t in enumerate(grid)}
+        fine = DDIMPolicy(None, self.schedule, fine_steps=self.n_steps * self.substeps
+                          if self.substeps > 1 else None)
+        # (n_steps, substeps + 1): the teacher's timesteps from each grid time to the next
+        self.walks = torch.tensor([fine.points(u, self.next_t[u]) for u in grid])
 
     def spec(self):
         sp = super().spec()
@@ -83,11 +87,7 @@ class PD(Method):
         if not torch.equal(grid[i], t):
             bad = t[grid[i] != t][0].item()
             raise ValueError(f"PD got a state at t={bad}, not on its {self.n_steps}-step grid")
-        teacher = DDIMPolicy(self.counted_teacher_x0, self.schedule,
-                             fine_steps=self.n_steps * self.substeps if self.substeps > 1 else None)
-        pts = torch.tensor([teacher.points(u, self.next_t[u]) for u in self.grid.tolist()],
-                           device=x_t.device)  # (n_steps, substeps + 1): each interval's walk
-        walk = pts[i]  # (B, substeps + 1): the teacher's timesteps from each state's t to its s
+        walk = self.walks.to(x_t.device)[i]  # (B, substeps + 1): from each state's t to its s
         x = x_t
         for j in range(walk.shape[1] - 1):
             x0 = self.counted_teacher_x0(x, walk[:, j], cond)

@@ -43,6 +43,13 @@ ARMS = ("baseline", "ddil", "reflected", "ddil+reflected")
 DDIL_SOURCE = {"pd": "beta_mixed", "lcm": "beta_student_bckwrd", "dmd2": "beta_mixed"}
 
 
+# DMD2's toy recipe (issue 25, docs/dmd2.md): DMD's regression loss on teacher ODE pairs at
+# weight 10 is what made toy DMD2 a good sampler (w 1: SW 129 -> 49 at 1000 steps x batch 64;
+# ratio to the teacher's own second draw 5.7 -> 2.2, 1.8 at 3000 steps); critic settings
+# mattered little once it was on. DMD2's class default stays the paper's (no regression).
+DMD2_TOY_RECIPE = {"critic_steps": 5, "regression_weight": 10.0}
+
+
 def method_defaults(method: str, n_steps: int = 4) -> dict:
     """The method settings the table uses: PD taught by the 32-step teacher (32/n substeps per
     student step), DMD2 with 5 critic updates per generator update, LCM as in the paper."""
@@ -59,7 +66,7 @@ def make_sampler(method: str, ddil: bool, share: float = 0.5, buffer_size: int =
                  refresh_every: int = 10, refresh_size: int = 0,
                  source: str | None = None, prior_schedule: str = "constant",
                  ramp_steps: int = 0, p_student: float = 0.5,
-                 renoise: bool = False) -> StateSampler:
+                 renoise: bool = False, rollout_until: int = -1) -> StateSampler:
     """The StateSampler of an arm. Without DDIL: forward states only. With DDIL: a fraction
     ``share`` of each batch from rollouts (``source``, default ``DDIL_SOURCE[method]``), the
     rest forward; ``buffer_size`` > 0 reuses rollout states through DAgger's aggregation
@@ -67,7 +74,8 @@ def make_sampler(method: str, ddil: bool, share: float = 0.5, buffer_size: int =
     ``prior_schedule="student_selection"`` starts on data only and ramps to these priors over
     ``ramp_steps`` training steps (the paper's protocol); ``p_student``: the student's share of
     the steps of a mixed rollout; ``renoise=True``: ``RenoisedRolloutSampler`` (rollout states
-    re-noised to the method's own forward timesteps)."""
+    re-noised to the method's own forward timesteps); ``rollout_until``: rollout states only
+    at grid times >= this (DMD2+DDIL in the paper rolls out to t = 500; -1: all)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     if not ddil:
@@ -81,7 +89,8 @@ def make_sampler(method: str, ddil: bool, share: float = 0.5, buffer_size: int =
     cls = RenoisedRolloutSampler if renoise else StateSampler
     return cls(beta_frwd=1.0 - share, **{source: share}, buffer_size=buffer_size,
                refresh_every=refresh_every, refresh_size=refresh_size,
-               prior_schedule=prior_schedule, ramp_steps=ramp_steps, p_student=p_student)
+               prior_schedule=prior_schedule, ramp_steps=ramp_steps, p_student=p_student,
+               rollout_until=rollout_until)
 
 
 class RenoisedRolloutSampler(StateSampler):
@@ -110,19 +119,22 @@ class RenoisedRolloutSampler(StateSampler):
 class Budget:
     """The training budget every arm of a comparison shares: gradient steps, states per step
     per seed, AdamW learning rate, its schedule (linear warmup, then constant / linear /
-    cosine) and gradient clipping (None: off, so ensemble members update exactly as alone)."""
+    cosine), gradient clipping (None: off, so ensemble members update exactly as alone) and
+    the learning rate of DMD2's fake critic."""
     steps: int = 300
     batch_size: int = 256
     lr: float = 1e-3
     lr_schedule: str = "constant"
     warmup: int = 0
     grad_clip: float | None = None
+    critic_lr: float | None = None  # DMD2's critic (None: lr)
 
     def describe(self) -> str:
         clip = "no clipping" if self.grad_clip is None else f"grad-norm clip {self.grad_clip:g}"
         warm = f", {self.warmup} warmup steps" if self.warmup else ""
+        critic = "" if self.critic_lr is None else f", critic lr {self.critic_lr:g}"
         return (f"{self.steps} steps x batch {self.batch_size} per seed, AdamW lr {self.lr:g} "
-                f"({self.lr_schedule}{warm}), {clip}")
+                f"({self.lr_schedule}{warm}){critic}, {clip}")
 
     def train_kw(self) -> dict:
         """The keywords of ``train_arm`` / ``train_cells``."""
@@ -212,6 +224,6 @@ def train_cells(backends: list, method: str, arm: str, seeds=(0, 1, 2), steps: i
             for i in range(len(backends))]
 
 
-__all__ = ["ARMS", "DDIL_SOURCE", "METHODS", "Budget", "EnsembleBackend", "MemberView",
+__all__ = ["ARMS", "DDIL_SOURCE", "DMD2_TOY_RECIPE", "METHODS", "Budget", "EnsembleBackend", "MemberView",
            "NFECounter", "RenoisedRolloutSampler", "SeedEnsemble", "make_arm", "make_sampler",
            "method_defaults", "train_arm", "train_cells"]

@@ -399,11 +399,12 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
             result.skipped_steps += "skipped" in rec
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 rec["lr"] = scheds["student"].get_last_lr()[0]
-                nfe = torch.tensor([sampler.nfe["teacher"], sampler.nfe["student"],
-                                    method.nfe["teacher_target"]],
-                                   dtype=torch.long, device=procs.device)
-                (rec["nfe/teacher"], rec["nfe/student"],
-                 rec["nfe/teacher_target"]) = procs.all_reduce(nfe).tolist()
+                nfe = [sampler.nfe["teacher"], sampler.nfe["student"],
+                       method.nfe["teacher_target"]]
+                if procs.world > 1:
+                    nfe = procs.all_reduce(torch.tensor(nfe, dtype=torch.long,
+                                                        device=procs.device)).tolist()
+                rec["nfe/teacher"], rec["nfe/student"], rec["nfe/teacher_target"] = nfe
                 result.history.append(rec)
                 if log is not None:
                     log.write(json.dumps(rec) + "\n")
@@ -482,12 +483,15 @@ def _record(rec: dict, group: str, loss: torch.Tensor, source: torch.Tensor, sta
         rec[f"loss/{group}"] = float(stats[1] / stats[2])
     if group != "student":
         return
+    if world == 1:  # per-source sums and counts in two calls, read back at once
+        per = loss.reshape(len(loss), -1).mean(1) if loss.ndim else loss.reshape(1)
+        src = source if len(source) == len(per) else torch.zeros(len(per), dtype=torch.long)
+        src = src.to(per.device)
+        sums = per.new_zeros(n, dtype=torch.float64).index_add_(0, src, per.double()).tolist()
+        counts = torch.bincount(src, minlength=n).tolist()
+        stats = [None] * 3 + sums + counts
     for i, src in enumerate(SOURCES):
-        if world == 1:
-            m = source == i
-            if m.any():
-                rec[f"source/{src}"] = float(loss[m].mean())
-        elif stats[3 + n + i] > 0:
+        if stats[3 + n + i] > 0:
             rec[f"source/{src}"] = float(stats[3 + i] / stats[3 + n + i])
 
 
