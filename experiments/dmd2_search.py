@@ -33,7 +33,6 @@ Writes ``rows.csv`` (one row per recipe x w x seed), ``summary.md`` (printed), `
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -44,8 +43,8 @@ from ddil_lab import toy as tx
 from ddil_lab.toy import Toy2dBackend, class_mixture
 from ddil_lab.toy.backend import RING12_WEIGHTS
 from ddil_lab.train.arms import train_cells
-from ddil_lab.train.runstore import RunStore
 from ddil_lab.train.loop import NonFiniteError
+from ddil_lab.train.runstore import RunStore
 from ddil_lab.validation import check_out_dir, cli_exit, parse_seeds
 
 MIXTURE = {"modes": 12, "classes": 3, "std": 0.1, "radius": 0.7}
@@ -179,8 +178,9 @@ class DigitsRunner(Runner):
 
     def __init__(self, cfg: dict, store: RunStore):
         import image_map
-        from ddil_lab.image import metrics as im
+
         from ddil_lab.diffusion import timesteps
+        from ddil_lab.image import metrics as im
 
         self.cfg, self.store = cfg, store
         icfg = image_map.make_config(guidance=GUIDANCE, teacher_root=cfg["teacher_root"])
@@ -290,6 +290,24 @@ def claims_markdown(rows: list[dict], cfg: dict, metric: str, elapsed: float) ->
                     parts += [_cell(s, metric), sd([r[metric] for r in s]),
                               f"{sum(r['failed'] for r in s)}/{len(s)}"]
                 lines.append(f"| {reg:g} | {b} | {arm} | " + " | ".join(parts) + " |")
+    lines += ["", f"Paired by seed (same initialisation and evaluation noise): Δ{name} = arm − "
+              "baseline, mean ± 95% t-interval; * where the interval excludes 0.", "",
+              "| regression | batch | arm | w 1: Δ | w 6: Δ |", "|---|---|---|---|---|"]
+    for reg in cfg["claim_regression"]:
+        for b in cfg["batches"]:
+            def seeds_of(arm, w, b=b, reg=reg):
+                return {r["seed"]: r[metric] for r in rows if r["batch_size"] == b
+                        and r["arm"] == arm and r["regression_weight"] == reg and r["w"] == w}
+            for arm in CLAIM_ARMS[1:]:
+                cells = []
+                for w in GUIDANCE:
+                    base, other = seeds_of("baseline", w), seeds_of(arm, w)
+                    m, ci = mean_ci([other[k] - base[k] for k in base if k in other])
+                    sig = not math.isnan(ci) and abs(m) > ci
+                    cells.append("n/a" if math.isnan(m) else
+                                 f"{m:+.1f}" + ("" if math.isnan(ci) else f" ± {ci:.1f}")
+                                 + (" *" if sig else ""))
+                lines.append(f"| {reg:g} | {b} | {arm} | {cells[0]} | {cells[1]} |")
     lines += ["", f"Time: {elapsed:.0f} s."]
     return "\n".join(lines)
 
@@ -405,7 +423,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     args = ap.parse_args(argv)
     check_out_dir("--out", args.out)
-    seeds = parse_seeds("--seeds", args.seeds) if args.seeds else None
+    seeds = parse_seeds("--seeds", args.seeds) if args.seeds is not None else None
     return run(args.out, claims=args.claims, quick=args.quick, seeds=seeds, digits=args.digits)
 
 

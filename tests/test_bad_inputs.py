@@ -391,7 +391,7 @@ def _guarded(name, monkeypatch):
     mod = _script(name)
     if name == "image_table":
         monkeypatch.setattr(mod, "make_backend", heavy)
-    elif name == "regime_map":
+    elif name in ("regime_map", "dmd2_search"):
         monkeypatch.setattr(mod, "run", heavy)
     elif name == "bench":
         monkeypatch.setattr(mod, "bench", heavy)
@@ -406,7 +406,8 @@ def _guarded(name, monkeypatch):
 
 
 # the arguments a script needs to get as far as its checks (required ones, valid)
-SCRIPT_BASE = {"image_table": [], "regime_map": [], "bench": [], "bench_full": ["--device", "cpu"],
+SCRIPT_BASE = {"image_table": [], "regime_map": [], "dmd2_search": [], "bench": [],
+               "bench_full": ["--device", "cpu"],
                "evaluate": ["owner/model", "--protocol", "cifar10-50k", "--out", "{tmp}/ev",
                             "--root", "{cifar}"],
                "random_pipeline": ["--shape", "sd15", "--out", "{tmp}/rp"]}
@@ -488,7 +489,7 @@ SCRIPT_CASES = [  # (script, argv, message pattern): the issue's cases and more
     ("regime_map", ["--set", "pd.arms=ddl"], r"--set pd.arms='ddl' .*'ddl' is not one of "
                                               r"\('baseline', 'ddil'"),
     ("regime_map", ["--set", "pd.budgets=tabel"], r"--set pd.budgets='tabel' .*\('table', "
-                                                   r"'converged'\)"),
+                                                   r"'converged', 'dmd2'\)"),
     ("regime_map", ["--set", "pd.classes=2.5"], r"--set pd.classes='2.5' .*not an int"),
     ("regime_map", ["--set", "pd.stds=0.04,-1"], r"--set pd.stds='0.04,-1' .*-1.0 is not"),
     ("regime_map", ["--set", "pd.inits=zeros"], r"--set pd.inits='zeros' .*'pretrained'"),

@@ -25,8 +25,8 @@ def test_regression_pairs_are_the_teachers_ddim_solutions(cond):
     dmd = DMD2(n_steps=4, regression_weight=1.0, regression_pairs=16, regression_steps=8)
     dmd.setup(cond)
     p = dmd.pairs
-    assert p["x_t"].shape == (64, 2) and p["t"].tolist() == sum([[t] * 16 for t in
-                                                                 (999, 749, 500, 250)], [])
+    assert p["x_t"].shape == (64, 2)
+    assert p["t"].tolist() == [t for t in (999, 749, 500, 250) for _ in range(16)]
     fine = timesteps(8).tolist()
     for t in (999, 749, 500, 250):
         rows = p["t"] == t
@@ -90,6 +90,8 @@ def test_random_critic_is_fresh_and_follows_the_seed(cond):
     ({"regression_pairs": 0}, r"regression_pairs=0"),
     ({"regression_steps": 6}, r"regression_steps=6 .*multiple of n_steps=4"),
     ({"critic_init": "student"}, r"critic_init='student' .*\('teacher', 'random'\)"),
+    ({"dm_weight": 0.0}, r"dm_weight=0.0 .*unless regression_weight > 0"),
+    ({"dm_weight": -1.0}, r"dm_weight=-1.0 .*>= 0"),
 ])
 def test_bad_recipe_options_are_named(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -161,3 +163,18 @@ def test_search_cli_names_bad_options():
     ds = _search()
     with pytest.raises(ConfigError, match="--seeds"):
         ds.main(["--seeds", "a,b"])
+
+
+def test_dm_weight_zero_leaves_the_regression_loss_alone(cond):
+    """dm_weight=0: the generator's loss is exactly regression_weight x the regression loss
+    of the pairs drawn at that step (no distribution-matching term)."""
+    from ddil_lab.rollout import StateSampler
+    torch.manual_seed(2)
+    dmd = DMD2(n_steps=4, critic_steps=1, dm_weight=0.0, regression_weight=3.0,
+               regression_pairs=32, regression_steps=8)
+    dmd.setup(cond)
+    states = StateSampler().sample(cond, dmd.spec(), dmd.student, 16)
+    *_, (group, loss, logs) = list(dmd.losses(states))
+    assert group == "student"
+    torch.testing.assert_close(loss.mean(), torch.tensor(3.0 * logs["regression"]),
+                               rtol=1e-5, atol=1e-7)
