@@ -45,7 +45,7 @@ from ddil_lab.toy.backend import RING12_WEIGHTS
 from ddil_lab.train.arms import train_cells
 from ddil_lab.train.loop import NonFiniteError
 from ddil_lab.train.runstore import RunStore
-from ddil_lab.validation import check_out_dir, cli_exit, parse_seeds
+from ddil_lab.validation import check_out_dir, cli_exit, fail, parse_seeds
 
 MIXTURE = {"modes": 12, "classes": 3, "std": 0.1, "radius": 0.7}
 GUIDANCE = (1.0, 6.0)
@@ -359,10 +359,13 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def run(out: str, claims: bool = False, quick: bool = False, seeds=None, digits: bool = False,
-        progress: bool = True) -> dict:
-    """The recipe map (default), the small-batch claims (``claims``) or the digits check
-    (``digits``) into ``out``; returns {"rows", "markdown", "floor"}."""
+        recipe: dict | None = None, progress: bool = True) -> dict:
+    """The recipe map (default), the small-batch claims (``claims``), the digits check
+    (``digits``) or one recipe (``recipe``: the centre with these settings changed, no
+    factors) into ``out``; returns {"rows", "markdown", "floor"}."""
     cfg = dict(DEFAULTS, centre=dict(CENTRE), factors=dict(FACTORS), batches=CLAIM_BATCHES)
+    if recipe:
+        cfg.update(centre={**CENTRE, **recipe}, factors={})
     if claims:
         cfg["claim_regression"] = CLAIM_REGRESSION
     if quick:
@@ -419,12 +422,34 @@ def main(argv=None) -> dict:
                     help="the small-batch table (batch x reflection x DDIL) instead of the map")
     ap.add_argument("--digits", action="store_true",
                     help="the recipes on the digits tier (the image slice's cached teacher)")
+    ap.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
+                    help="run one recipe: the centre with KEY changed (repeatable), e.g. "
+                         "--recipe regression_weight=100 --recipe batch_size=256")
     ap.add_argument("--quick", action="store_true", help="a few steps, for tests")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     args = ap.parse_args(argv)
     check_out_dir("--out", args.out)
     seeds = parse_seeds("--seeds", args.seeds) if args.seeds is not None else None
-    return run(args.out, claims=args.claims, quick=args.quick, seeds=seeds, digits=args.digits)
+    recipe = {}
+    for item in args.recipe:
+        key, _, value = item.partition("=")
+        if key not in CENTRE or not value:
+            fail("--recipe", item, f"KEY=VALUE with KEY one of {tuple(CENTRE)}")
+        kind = type(CENTRE[key])
+        if kind is str:
+            recipe[key] = value
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or (kind is int and not number.is_integer()):
+            fail("--recipe", item, f"a finite {kind.__name__} value for {key}")
+        recipe[key] = kind(number)
+    if recipe and args.claims:
+        fail("--recipe", args.recipe, "no --recipe with --claims (the claims use the centre)")
+    return run(args.out, claims=args.claims, quick=args.quick, seeds=seeds, digits=args.digits,
+               recipe=recipe or None)
 
 
 if __name__ == "__main__":
