@@ -364,8 +364,6 @@ def run(out: str, claims: bool = False, quick: bool = False, seeds=None, digits:
     (``digits``) or one recipe (``recipe``: the centre with these settings changed, no
     factors) into ``out``; returns {"rows", "markdown", "floor"}."""
     cfg = dict(DEFAULTS, centre=dict(CENTRE), factors=dict(FACTORS), batches=CLAIM_BATCHES)
-    if recipe:
-        cfg.update(centre={**CENTRE, **recipe}, factors={})
     if claims:
         cfg["claim_regression"] = CLAIM_REGRESSION
     if quick:
@@ -374,6 +372,8 @@ def run(out: str, claims: bool = False, quick: bool = False, seeds=None, digits:
         cfg.update(DIGITS_QUICK if quick else DIGITS)
     if seeds is not None:
         cfg["seeds"] = tuple(seeds)
+    if recipe:
+        cfg.update(centre={**cfg["centre"], **recipe}, factors={})
     if claims and quick:
         cfg["claim_regression"] = (10.0,)
     torch.set_num_threads(1)

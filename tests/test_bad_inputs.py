@@ -417,6 +417,7 @@ FREE_TEXT = {("evaluate", "model"), ("evaluate", "captions"), ("evaluate", "imag
              ("evaluate", "timesteps"), ("image_table", "root"), ("image_table", "teacher"),
              ("image_table", "data"), ("image_table", "net"), ("image_table", "diversity"),
              ("regime_map", "set"), ("regime_map", "compare_to"), ("bench", "setting"),
+             ("dmd2_search", "recipe"),
              ("bench", "teacher")}
 LIST_OPTIONS = {"seeds", "methods", "arms", "blocks", "shapes"}
 OUT_OPTIONS = {"out", "models", "teacher_dir"}
@@ -485,6 +486,10 @@ def test_script_options_generated_from_argparse_are_named(script, flag, dest, ba
 
 ALIASES = {("evaluate", "out"): "out_dir"}  # the CLI's --out is evaluate()'s out_dir
 SCRIPT_CASES = [  # (script, argv, message pattern): the issue's cases and more
+    ("dmd2_search", ["--recipe", "batch_size=2.5"], r"--recipe='batch_size=2.5' .*finite int"),
+    ("dmd2_search", ["--recipe", "foo=1"], r"--recipe='foo=1' .*KEY one of \('regression_weight'"),
+    ("dmd2_search", ["--recipe", "lr=abc"], r"--recipe='lr=abc' .*finite float value for lr"),
+    ("dmd2_search", ["--claims", "--recipe", "lr=1e-3"], r"--recipe=\['lr=1e-3'\] .*--claims"),
     ("regime_map", ["--set", "pd.stds=abc"], r"--set pd.stds='abc' .*'abc' is not a finite"),
     ("regime_map", ["--set", "pd.arms=ddl"], r"--set pd.arms='ddl' .*'ddl' is not one of "
                                               r"\('baseline', 'ddil'"),

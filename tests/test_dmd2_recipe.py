@@ -201,3 +201,10 @@ def test_resume_with_the_regression_loss_is_bitwise(cond, tmp_path):
         for k in a:
             assert torch.equal(a[k], b[k]), (group, k)
     assert torch.equal(full.method.pairs["y"], resumed.method.pairs["y"])
+
+
+def test_one_recipe(tmp_path):
+    """--recipe: the centre with settings changed, and nothing else."""
+    ds = _search()
+    res = ds.run(str(tmp_path), quick=True, recipe={"regression_weight": 100.0}, progress=False)
+    assert {(r["factor"], r["regression_weight"]) for r in res["rows"]} == {("centre", 100.0)}
