@@ -16,8 +16,8 @@ Recipe map: a centre recipe (``CENTRE``) and each factor of ``FACTORS`` varied a
 regression loss of DMD's first version (weight; 0 is DMD2's own recipe), the distribution-
 matching term (0: regression alone), critic updates per generator update (TTUR), generator and
 critic learning rates, the critic's initialisation, the tau range of the DM gradient, batch
-size and training steps. The GAN head is left out: its head is a single module that ensemble
-members would share (``DMD2.gan_head``), so it cannot be trained as independent seeds here.
+size, training steps and the GAN head (recipes with it train member by member: DMD2's head is
+one module, which ensemble members would share).
 
 Claims (``--claims``): the centre recipe at batch 7, 16 and 64, each with and without reflection
 and with and without DDIL (half the states from mixed teacher/student rollouts, rolled out to
@@ -36,13 +36,15 @@ import argparse
 import math
 import os
 import time
+from types import SimpleNamespace
 
 import torch
 
 from ddil_lab import toy as tx
 from ddil_lab.toy import Toy2dBackend, class_mixture
 from ddil_lab.toy.backend import RING12_WEIGHTS
-from ddil_lab.train.arms import train_cells
+from ddil_lab.train import distill
+from ddil_lab.train.arms import make_arm, train_cells
 from ddil_lab.train.loop import NonFiniteError
 from ddil_lab.train.runstore import RunStore
 from ddil_lab.validation import check_out_dir, cli_exit, fail, parse_seeds
@@ -53,7 +55,7 @@ GUIDANCE = (1.0, 6.0)
 # regression_weight 0, lr 1e-3 here, critic_steps 5)
 CENTRE = {"regression_weight": 10.0, "dm_weight": 1.0, "critic_steps": 5, "lr": 3e-4,
           "critic_lr": 1e-3, "critic_init": "teacher", "tau_hi": 0.98, "batch_size": 64,
-          "steps": 1000}
+          "steps": 1000, "gan_weight": 0.0}
 FACTORS = {
     "regression_weight": (0.0, 1.0, 10.0, 100.0),
     "dm_weight": (0.0, 1.0),
@@ -64,6 +66,7 @@ FACTORS = {
     "tau_hi": (0.5, 0.98),
     "batch_size": (16, 64, 256),
     "steps": (300, 1000, 3000),
+    "gan_weight": (0.0, 0.1),
 }
 CLAIM_BATCHES = (7, 16, 64)
 CLAIM_REGRESSION = (10.0, 0.0)  # the working recipe, and DMD2's own (no regression loss)
@@ -108,7 +111,7 @@ def recipes(centre: dict, factors: dict) -> list[tuple[str, object, dict]]:
 def method_kw(r: dict, cfg: dict) -> dict:
     return {"regression_weight": r["regression_weight"], "dm_weight": r["dm_weight"],
             "critic_steps": r["critic_steps"], "critic_init": r["critic_init"],
-            "tau_range": (0.02, r["tau_hi"]),
+            "tau_range": (0.02, r["tau_hi"]), "gan_weight": r.get("gan_weight", 0.0),
             "regression_pairs": cfg.get("regression_pairs", 1024),
             "regression_steps": cfg.get("regression_steps", 32)}
 
@@ -133,6 +136,28 @@ class Runner:
             self.floor[w] = {"teacher2": rows["teacher 32-step (2nd draw)"]["sw_x1e3"],
                              "ddim4": rows["teacher DDIM 4-step"]["sw_x1e3"]}
 
+    def train(self, r: dict, arm: str, skw: dict) -> list[list]:
+        """Per cell (w), one trained student per seed: all as one batched ensemble, except
+        recipes with a GAN head, which train member by member (a plain ``distill`` per cell and
+        seed, seeded by the seed): DMD2's head is one module, which ensemble members would
+        share, coupling the seeds."""
+        seeds = list(self.cfg["seeds"])
+        kw = {"steps": r["steps"], "batch_size": r["batch_size"], "lr": r["lr"],
+              "critic_lr": r["critic_lr"]}
+        if not r.get("gan_weight"):
+            return train_cells(self.bes, "dmd2", arm, seeds, n_steps=4,
+                               method_kw=method_kw(r, self.cfg), sampler_kw=skw, **kw)
+        out = []
+        for be in self.bes:
+            cell = []
+            for s in seeds:
+                m, sampler = make_arm("dmd2", arm, 4, method_kw(r, self.cfg), **skw)
+                res = distill(be, m, sampler, grad_clip=None, seed=s, progress=False, **kw)
+                cell.append(SimpleNamespace(method=res.method, grid=res.method.grid.tolist(),
+                                            sample=res.method.sample))
+            out.append(cell)
+        return out
+
     def evaluate(self, i: int, views) -> list[dict]:
         return [{k: e[k] for k in ("sw_x1e3", "mmd_x1e3", "off_mode_class")}
                 for e in tx.evaluate_members(views, self.bes[i], self.refs[i], per_step=False)]
@@ -146,9 +171,7 @@ class Runner:
             skw = {"share": cfg["share"], "rollout_until": cfg["rollout_until"]}
         t0 = time.perf_counter()
         try:
-            views = train_cells(self.bes, "dmd2", arm, seeds, steps=r["steps"],
-                                batch_size=r["batch_size"], lr=r["lr"], critic_lr=r["critic_lr"],
-                                n_steps=4, method_kw=method_kw(r, cfg), sampler_kw=skw)
+            views = self.train(r, arm, skw)
         except NonFiniteError as e:  # the whole ensemble stops: every member counts as diverged
             views, err = None, str(e).splitlines()[0]
         wall = time.perf_counter() - t0
