@@ -208,3 +208,22 @@ def test_one_recipe(tmp_path):
     ds = _search()
     res = ds.run(str(tmp_path), quick=True, recipe={"regression_weight": 100.0}, progress=False)
     assert {(r["factor"], r["regression_weight"]) for r in res["rows"]} == {("centre", 100.0)}
+
+
+def test_gan_recipes_train_member_by_member(tmp_path, monkeypatch):
+    """A recipe with the GAN head trains each (cell, seed) alone, so no head is shared between
+    seeds; every member has its own head and the rows are complete."""
+    ds = _search()
+    monkeypatch.setattr(ds, "train_cells", lambda *a, **k: pytest.fail("GAN in an ensemble"))
+    heads = []
+    real = ds.distill
+
+    def spy(*a, **k):
+        res = real(*a, **k)
+        heads.append(res.method.gan_head)
+        return res
+    monkeypatch.setattr(ds, "distill", spy)
+    res = ds.run(str(tmp_path), quick=True, recipe={"gan_weight": 0.1}, progress=False)
+    assert len(heads) == 2 * 2 and len({id(h) for h in heads}) == 4  # cells x seeds
+    assert all(h is not None for h in heads)
+    assert len(res["rows"]) == 4 and all(r["gan_weight"] == 0.1 for r in res["rows"])
