@@ -228,23 +228,11 @@ class DigitsRunner(Runner):
                 for e in (self.refs[i].evaluate(v) for v in views)]
 
 
-def mean_ci(v: list[float]) -> tuple[float, float]:
-    v = [x for x in v if math.isfinite(x)]
-    if not v:
-        return math.nan, math.nan
-    m = sum(v) / len(v)
-    if len(v) < 2:
-        return m, math.nan
-    from scipy import stats
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-    return m, stats.t.ppf(0.975, len(v) - 1) * sd / math.sqrt(len(v))
-
-
 NAMES = {"sw_x1e3": ("SW x1e3", "toy"), "fid_class": ("FID (per class)", "digits")}
 
 
 def _cell(rows, key) -> str:
-    m, ci = mean_ci([r[key] for r in rows])
+    m, ci = tx.mean_ci([r[key] for r in rows])
     if math.isnan(m):
         return "non-finite"
     return f"{m:.1f}" + ("" if math.isnan(ci) else f" ± {ci:.1f}")
@@ -298,10 +286,7 @@ def claims_markdown(rows: list[dict], cfg: dict, metric: str, elapsed: float) ->
 
     def sd(v):
         v = [x for x in v if math.isfinite(x)]
-        if len(v) < 2:
-            return "n/a"
-        m = sum(v) / len(v)
-        return f"{math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)):.1f}"
+        return f"{tx.mean_std(v)[1]:.1f}" if len(v) > 1 else "n/a"
     for reg in cfg["claim_regression"]:
         for b in cfg["batches"]:
             for arm in CLAIM_ARMS:
@@ -325,7 +310,7 @@ def claims_markdown(rows: list[dict], cfg: dict, metric: str, elapsed: float) ->
                 cells = []
                 for w in GUIDANCE:
                     base, other = seeds_of("baseline", w), seeds_of(arm, w)
-                    m, ci = mean_ci([other[k] - base[k] for k in base if k in other])
+                    m, ci = tx.mean_ci([other[k] - base[k] for k in base if k in other])
                     sig = not math.isnan(ci) and abs(m) > ci
                     cells.append("n/a" if math.isnan(m) else
                                  f"{m:+.1f}" + ("" if math.isnan(ci) else f" ± {ci:.1f}")
@@ -355,7 +340,7 @@ def figure(rows: list[dict], path: str, metric: str, limit: float) -> str:
                 sel = [r for r in rows if r["w"] == w and (
                     (r["factor"] == f and r["level"] == lv) or (r["factor"] == "centre"
                                                                  and r[f] == lv))]
-                m, ci = mean_ci([r["ratio"] for r in sel])
+                m, ci = tx.mean_ci([r["ratio"] for r in sel])
                 ms.append(m), cis.append(0 if math.isnan(ci) else ci)
             ax.errorbar(range(len(levels)), ms, yerr=cis, color=colour, marker="o",
                         capsize=3, label=f"w {w:g}")

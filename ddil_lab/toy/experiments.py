@@ -449,6 +449,14 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
        9: 2.262, 10: 2.228}  # two-sided 95% Student t quantiles by degrees of freedom
 
 
+def mean_ci(values) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval, ignoring NaNs (NaN width for a
+    single value)."""
+    n = sum(1 for x in values if not math.isnan(float(x)))
+    mu, sd = mean_std(values)
+    return mu, (T95.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else math.nan)
+
+
 def _num(v) -> float:
     """A metric from a row (a float, or a CSV string; missing -> NaN)."""
     return math.nan if v is None or v == "" else float(v)
@@ -471,9 +479,7 @@ def paired_deltas(rows: list[dict], keys, base_arm: str = "baseline") -> list[di
             continue
         d = {"setting": setting, "method": method, "arm": arm, "seeds": len(pairs)}
         for k in keys:
-            mu, sd = mean_std(_num(a.get(k)) - _num(b.get(k)) for a, b in pairs)
-            ci = T95.get(len(pairs) - 1, 1.96) * sd / math.sqrt(len(pairs)) if len(pairs) > 1 \
-                else math.nan
+            mu, ci = mean_ci([_num(a.get(k)) - _num(b.get(k)) for a, b in pairs])
             d[k], d[f"{k}_ci"], d[f"{k}_sig"] = mu, ci, bool(not math.isnan(ci) and abs(mu) > ci)
         out.append(d)
     return out
