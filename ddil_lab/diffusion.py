@@ -26,7 +26,10 @@ THRESHOLDS = ("none", "static", "dynamic")
 
 
 def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-sample (B,) tensor to broadcast against x of shape (B, ...)."""
+    """Reshape a per-sample (B,) tensor to broadcast against x of shape (B, ...); a 0-dim one
+    (one timestep for all) broadcasts as it is (and may stay on the CPU beside a GPU ``x``)."""
+    if a.ndim == 0:
+        return a.to(x.dtype)
     return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)).to(x.dtype)
 
 
@@ -78,6 +81,10 @@ class Schedule:
         return f"Schedule(kind={self.kind!r}, T={self.T})"
 
     def _table(self, t, name: str = "alpha_bar") -> torch.Tensor:
+        if type(t) is int:  # one timestep (the samplers' steps): a 0-dim CPU tensor, no scan
+            if not -1 <= t <= self.T - 1:
+                raise ValueError(f"timestep out of range: allowed [-1, {self.T - 1}], got {t}")
+            return self._tables[name][t + 1]
         t = torch.as_tensor(t)
         if t.dtype.is_floating_point:
             raise TypeError(f"timesteps must be integers in [-1, {self.T - 1}], got dtype {t.dtype}")
@@ -127,10 +134,7 @@ class Schedule:
         eps is derived from x0_hat, so a thresholded x0_hat also fixes the direction to the
         next state ("reflected" sampling), and any model (teacher or student) may take any step.
         """
-        B = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device).expand(B)
-        s = torch.as_tensor(s, device=x_t.device).expand(B)
-        eps = self.eps_from_x0(x_t, t, x0_hat)
+        eps = self.eps_from_x0(x_t, t, x0_hat)  # t, s: one int each, or one per sample (B,)
         return _bcast(self.alpha(s), x_t) * x0_hat + _bcast(self.sigma(s), x_t) * eps
 
     def renoise(self, x0_hat, s, noise):

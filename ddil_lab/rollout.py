@@ -218,7 +218,10 @@ class StateSampler:
         global stream. Processes that share a plan run the same sequence of student and teacher
         calls, which sharded (FSDP) students need: each call is a collective. Noise and data
         still come from each process's own stream."""
-        p = torch.tensor([self.priors_at(step)[k] for k in PRIOR_NAMES])
+        priors = self.priors_at(step)
+        if priors["beta_frwd"] == 1.0:  # forward diffusion only: nothing to draw
+            return self.forward(backend, spec, n)
+        p = torch.tensor([priors[k] for k in PRIOR_NAMES])
         counts = torch.multinomial(p, n, replacement=True, generator=plan)
         counts = torch.bincount(counts, minlength=4).tolist()
         parts = [self.forward(backend, spec, counts[0])] if counts[0] else []

@@ -69,6 +69,9 @@ class PD(Method):
                           if self.substeps > 1 else None)
         # (n_steps, substeps + 1): the teacher's timesteps from each grid time to the next
         self.walks = torch.tensor([fine.points(u, self.next_t[u]) for u in grid])
+        T = backend.schedule.T  # row of each timestep in ``walks`` (-1: not on the grid)
+        self.row = torch.full((T,), -1, dtype=torch.long)
+        self.row[self.grid] = torch.arange(len(grid))
 
     def spec(self):
         sp = super().spec()
@@ -81,10 +84,11 @@ class PD(Method):
         x_s after ``substeps`` DDIM steps. ``t``: one grid time, or one per state (B,): states
         at different grid times walk their teacher steps together, one teacher call per
         substep for the whole batch."""
-        B, grid = x_t.shape[0], self.grid.to(x_t.device)
+        B = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device).expand(B)
-        i = torch.searchsorted(-grid, -t).clamp_max(len(grid) - 1)  # grid is descending
-        if not torch.equal(grid[i], t):
+        i = self.row.to(t.device)[t.clamp(0, len(self.row) - 1)]
+        grid = self.grid.to(t.device)
+        if not torch.equal(grid[i], t):  # off the grid (a row of -1 never matches)
             bad = t[grid[i] != t][0].item()
             raise ValueError(f"PD got a state at t={bad}, not on its {self.n_steps}-step grid")
         walk = self.walks.to(x_t.device)[i]  # (B, substeps + 1): from each state's t to its s

@@ -181,13 +181,18 @@ class GMM:
         if self._shared is not None:
             if label is None:
                 return self._pm_shared(x, a, s, *self._class_params(-1, dtype))
-            out = torch.empty_like(x)
             label = self._check_labels(label, B)
-            for c in (torch.bincount(label + 1).nonzero().squeeze(1) - 1).tolist():
-                rows = (label == c).nonzero().squeeze(1)  # one class: only its components
-                out[rows] = self._pm_shared(x[rows], a[rows], s[rows],
-                                            *self._class_params(c, dtype))
-            return out
+            order = torch.argsort(label, stable=True)  # rows grouped by class, then one slice
+            counts = torch.bincount(label + 1, minlength=self.num_classes + 1).tolist()
+            xs, as_, ss = (v.index_select(0, order) for v in (x, a, s))
+            parts, i = [], 0
+            for c, n in zip(range(-1, self.num_classes), counts):
+                if n:  # one class: only its components
+                    sl = slice(i, i + n)
+                    parts.append(self._pm_shared(xs[sl], as_[sl], ss[sl],
+                                                 *self._class_params(c, dtype)))
+                i += n
+            return torch.empty_like(x).index_copy_(0, order, torch.cat(parts))
         xm = x @ self.means.T  # (B, K)
         d2 = (x * x).sum(1, keepdim=True) - 2 * a * xm + a ** 2 * self._mu2
         v = a ** 2 * self._iso[None] + s ** 2  # (B, K)

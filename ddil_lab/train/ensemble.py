@@ -64,7 +64,9 @@ class StackedMembers(nn.Module):
     A member that is a Denoiser adapter (``PredV(net)``, ...) has its network batched and its
     output converted to x0 afterwards, in one call for all rows; any other module is batched
     whole. ``template`` keeps the structure (on the meta device: it holds no weights). A network
-    whose class sets ``ensemble_vmap = False`` (one that ``vmap`` runs slower than a loop, e.g.
+    with a method ``forward_stacked(params, x, t, c)`` (the toy ``MLP``) runs that instead of
+    ``vmap`` (the same computation as batched matmuls). A network whose class sets
+    ``ensemble_vmap = False`` (one that ``vmap`` runs slower than a loop, e.g.
     attention without a batching rule) is called member by member on its slices of the same
     stacked tensors instead."""
 
@@ -99,7 +101,9 @@ class StackedMembers(nn.Module):
         def one(p, b, x, t, c):
             return functional_call(net, (p, b), (x, t, c))
         c_dims = tree_map(lambda v: 0 if torch.is_tensor(v) and v.ndim >= 2 else None, c)
-        if getattr(net, "ensemble_vmap", True):
+        if hasattr(net, "forward_stacked") and not self.buffer_names:
+            out = net.forward_stacked(params, x, t, c)  # the network's own batched form
+        elif getattr(net, "ensemble_vmap", True):
             out = vmap(one, in_dims=(0, 0, 0, 0, c_dims), randomness="different")(
                 params, buffers, x, t, c)
         else:

@@ -381,14 +381,15 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
                 loss.mean().backward()
                 params = procs.average_gradients(trainable[group])
                 norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
-                norm = full(norm)  # a sharded norm (FSDP) is gathered
-                if not torch.isfinite(norm):
+                norm = float(full(norm))  # a sharded norm (FSDP) is gathered
+                if not math.isfinite(norm):
                     _nonfinite(_grad_fault(groups[group], states, group), step, method,
                                on_nonfinite, result, rec)
                     continue
-                rec[f"grad_norm/{group}"] = float(norm)  # before clipping (tracked runs plot it)
+                rec[f"grad_norm/{group}"] = norm  # before clipping (tracked runs plot it)
                 opts[group].step()
-                _record(rec, group, loss_d, states.source, stats, procs.world)
+                _record(rec, group, loss_d, states.source if sampler.is_ddil else None, stats,
+                        procs.world)
                 rec.update({f"{group}/{k}": v for k, v in procs.mean_logs(logs).items()})
             for s in scheds.values():
                 s.step()
@@ -412,7 +413,7 @@ def distill(backend, method: Method, sampler: StateSampler | None = None, steps:
             if consecutive > max_consecutive_skips or result.skipped_steps > skip_limit:
                 _too_many_skips(step, method, result, consecutive, max_consecutive_skips,
                                 skip_limit)
-            if "loss/student" in rec:
+            if "loss/student" in rec and not bar.disable:
                 bar.set_postfix(loss=f"{rec['loss/student']:.4g}")
             written = ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == steps)
             if written:
@@ -460,9 +461,9 @@ def _too_many_skips(step, method, result, consecutive, max_consecutive, limit):
 def _loss_stats(loss: torch.Tensor, source: torch.Tensor, procs: Processes) -> torch.Tensor:
     """[non-finite count, sum, count, per-source sums (4), per-source counts (4)], summed over
     processes. One process: only the first entry is used (logging then uses ``loss.mean()``)."""
-    bad = (~torch.isfinite(loss)).sum()
     if procs.world == 1:
-        return bad.reshape(1)
+        return (0 if bool(torch.isfinite(loss).all()) else 1,)
+    bad = (~torch.isfinite(loss)).sum()
     per = loss.reshape(len(loss), -1).double().mean(1) if loss.ndim else loss.double().reshape(1)
     src = source if len(source) == len(per) else torch.zeros(len(per), dtype=torch.long)
     src = src.to(per.device)
@@ -475,13 +476,17 @@ def _loss_stats(loss: torch.Tensor, source: torch.Tensor, procs: Processes) -> t
 
 
 def _record(rec: dict, group: str, loss: torch.Tensor, source: torch.Tensor, stats, world: int):
-    """Log the loss (its mean over the global batch) and, for the student, per state source."""
+    """Log the loss (its mean over the global batch) and, for the student, per state source
+    (``source`` None: every state is forward-diffused)."""
     n = len(SOURCES)
     if world == 1:
         rec[f"loss/{group}"] = float(loss.mean())
     else:
         rec[f"loss/{group}"] = float(stats[1] / stats[2])
     if group != "student":
+        return
+    if world == 1 and source is None:
+        rec[f"source/{SOURCES[0]}"] = rec[f"loss/{group}"]
         return
     if world == 1:  # per-source sums and counts in two calls, read back at once
         per = loss.reshape(len(loss), -1).mean(1) if loss.ndim else loss.reshape(1)
