@@ -149,3 +149,20 @@ def test_explicit_zero_betas_are_honoured_or_refused_never_replaced():
                      ({"kind": "cosin"}, "kind='cosin'")):
         with pytest.raises(ConfigError, match=f"{name} is not allowed"):
             Schedule(**kw)
+
+
+def test_int_timesteps_look_up_what_tensors_do():
+    """One int timestep (the samplers' steps) takes a shortcut past the tensor lookup: the same
+    values, the same range check, and a DDIM step with int t, s equals one with (B,) tensors."""
+    S = Schedule()
+    for t in (-1, 0, 499, 999):
+        for name in ("alpha", "sigma", "snr"):
+            assert torch.equal(getattr(S, name)(t), getattr(S, name)(torch.tensor([t]))[0])
+    for bad in (-2, 1000):
+        with pytest.raises(ValueError, match=r"allowed \[-1, 999\]"):
+            S.alpha(bad)
+    g = torch.Generator().manual_seed(0)
+    x, x0 = torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g)
+    full = lambda v: torch.full((16,), v)  # noqa: E731
+    assert torch.equal(S.ddim_step(x, x0, 500, 250), S.ddim_step(x, x0, full(500), full(250)))
+    assert torch.equal(S.ddim_step(x, x0, 249, -1), S.ddim_step(x, x0, full(249), full(-1)))

@@ -194,3 +194,24 @@ def test_members_are_evaluated_in_one_batch_as_one_by_one(cells):
 def test_seed_ensemble_is_the_only_ensemble_path():
     assert set(vars(SeedEnsemble)) >= {"forward", "member"}
     assert not hasattr(SeedEnsemble, "members")  # no list of per-member modules beside it
+
+
+def test_stacked_mlp_forward_equals_vmap_over_forward(cells, monkeypatch):
+    """``MLP.forward_stacked`` (batched matmuls) is the same computation as ``vmap`` over the
+    member's own ``forward``: outputs and every stacked gradient agree."""
+    from ddil_lab.toy.backend import MLP
+
+    x, t, c = _batch(48, seed=3)
+    m = torch.arange(48) % 4
+    runs = []
+    for stacked in (True, False):
+        if not stacked:
+            monkeypatch.delattr(MLP, "forward_stacked")
+        ens = _view(cells).make_student()
+        out = ens(x, t, {"m": m, "c": c})
+        (out ** 2).sum().backward()
+        runs.append((out.detach(), [p.grad for p in ens.parameters()]))
+    (a, ga), (b, gb) = runs
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for p, q in zip(ga, gb):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)

@@ -174,6 +174,30 @@ def test_history_splits_losses_by_source(ring):
     assert {k.split("/")[1] for k in keys if k.startswith("source/")} <= set(SOURCES)
 
 
+def test_forward_only_batches_are_forward_states_and_log_one_source(ring):
+    """Forward diffusion alone draws no source split: a batch is exactly ``forward``'s states
+    (the same random stream), and the history logs its loss as the forward source's."""
+    sp = PD(substeps=2)
+    sp.setup(ring)
+    spec, sampler = sp.spec(), StateSampler()
+    torch.manual_seed(5)
+    a = sampler.sample(ring, spec, sp.student, 32)
+    torch.manual_seed(5)
+    b = sampler.forward(ring, spec, 32)
+    assert torch.equal(a.x_t, b.x_t) and torch.equal(a.t, b.t) and not a.source.any()
+    r = distill(ring, PD(substeps=2), None, steps=3, batch_size=32, progress=False)
+    assert all(h["source/forward"] == h["loss/student"] for h in r.history)
+
+
+def test_pd_target_refuses_states_off_its_grid(ring):
+    pd = PD(n_steps=4, substeps=2)
+    pd.setup(ring)
+    x = torch.randn(3, 2)
+    for t in (499, -5, 1200):
+        with pytest.raises(ValueError, match=f"PD got a state at t={t}, not on its 4-step grid"):
+            pd.target(x, torch.tensor([999, t, 250]))
+
+
 def test_resume_is_bitwise(ring, tmp_path):
     def run(out, steps, resume=False):
         return distill(ring, LCM(), StateSampler(beta_frwd=0.5, beta_student_bckwrd=0.5,
