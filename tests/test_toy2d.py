@@ -57,6 +57,23 @@ def test_conditional_restricts_to_class():
         make_mixture("ring8").log_prob(x, label=0)
 
 
+def test_labelled_posterior_mean_of_no_rows_and_mixed_classes():
+    """Rows of several classes (and -1) in any order get their own class's posterior mean, as
+    one row at a time would; an empty batch gives an empty answer (a mixed rollout may hand the
+    teacher no rows)."""
+    gmm = make_mixture("ring8_cond")
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(40, 2, generator=g), torch.randint(0, 1000, (40,), generator=g)
+    lab = torch.randint(-1, 2, (40,), generator=g)
+    for dtype in (torch.float64, torch.float32):
+        out = gmm.posterior_mean(x, t, S, lab, dtype=dtype)
+        one = torch.cat([gmm.posterior_mean(x[i:i + 1], t[i:i + 1], S, lab[i:i + 1], dtype=dtype)
+                         for i in range(40)])
+        torch.testing.assert_close(out, one, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+        empty = gmm.posterior_mean(x[:0], t[:0], S, lab[:0], dtype=dtype)
+        assert empty.shape == (0, 2)
+
+
 def test_exact_teacher_32_steps_recovers_ring8():
     gmm = make_mixture("ring8")
     g = torch.Generator().manual_seed(0)

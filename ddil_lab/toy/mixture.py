@@ -192,7 +192,8 @@ class GMM:
                     parts.append(self._pm_shared(xs[sl], as_[sl], ss[sl],
                                                  *self._class_params(c, dtype)))
                 i += n
-            return torch.empty_like(x).index_copy_(0, order, torch.cat(parts))
+            out = torch.empty_like(x)
+            return out.index_copy_(0, order, torch.cat(parts)) if parts else out  # B may be 0
         xm = x @ self.means.T  # (B, K)
         d2 = (x * x).sum(1, keepdim=True) - 2 * a * xm + a ** 2 * self._mu2
         v = a ** 2 * self._iso[None] + s ** 2  # (B, K)
