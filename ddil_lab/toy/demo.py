@@ -22,8 +22,9 @@ The default is a regime-map cell where DDIL pays for students that are also reas
 samplers: students that start from the pretrained MLP (width 128) under strong guidance (w = 9)
 on the 12-mode, 3-class ring at mode std 0.06, at the table's budget (300 steps x batch 256);
 in the map (``--full``, 5 seeds) ΔSW x1e3 was -9.5 ± 6.0 there, and at w <= 3 the same
-students gained nothing measurable. Randomly initialised students (``--init random --hidden 32 --guidance 6``) gain far
-more but remain poor samplers (most samples off their class's modes). See docs/results.md.
+students gained nothing measurable. Randomly initialised students (``--init random --hidden 32
+--guidance 6``) gain far more but remain poor samplers (most samples off their class's modes).
+See docs/results.md.
 """
 
 from __future__ import annotations

@@ -458,9 +458,10 @@ def _too_many_skips(step, method, result, consecutive, max_consecutive, limit):
         step + 1, method.name, "skipped updates", [])
 
 
-def _loss_stats(loss: torch.Tensor, source: torch.Tensor, procs: Processes) -> torch.Tensor:
+def _loss_stats(loss: torch.Tensor, source: torch.Tensor, procs: Processes):
     """[non-finite count, sum, count, per-source sums (4), per-source counts (4)], summed over
-    processes. One process: only the first entry is used (logging then uses ``loss.mean()``)."""
+    processes. One process: ``(1 if any sample's loss is non-finite else 0,)`` (logging then
+    uses ``loss.mean()``)."""
     if procs.world == 1:
         return (0 if bool(torch.isfinite(loss).all()) else 1,)
     bad = (~torch.isfinite(loss)).sum()
